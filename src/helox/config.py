@@ -1,0 +1,389 @@
+"""Typed configuration: one model per component, YAML recipes, dotted overrides, ConfigError.
+
+Every model refuses unknown keys. `load_config` validates a whole recipe at once and reports every
+problem with its dotted path (`train.max_steps: ...`), so a user fixes them in one pass.
+
+Relative paths of input files (`data.train[*].path`, `tokenizer.path`) are resolved against the
+recipe's folder, so a recipe and its data move together; `workspace` is resolved against the
+current directory, where the user wants the outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import model_validator
+
+from helox.errors import HeloxError
+
+
+class ConfigError(HeloxError):
+    """A recipe or override is invalid; `problems` holds (dotted path, message) pairs."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        lines = [f"  {path}: {message}" for path, message in problems]
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(
+            f"invalid config ({source}), {len(problems)} {noun}:\n" + "\n".join(lines),
+            hint="edit the recipe or the --set override at each path above",
+        )
+        self.problems = problems
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, field docstrings are the docs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              use_attribute_docstrings=True)
+
+
+def _resolve_input_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve against the recipe folder (passed as validation context) and require existence."""
+    if value is None:
+        return None
+    context = info.context or {}
+    path = value.expanduser()
+    if not path.is_absolute() and context.get("base_dir") is not None:
+        path = Path(context["base_dir"]) / path
+    path = path.resolve()
+    if context.get("check_files", True) and not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+class SourceConfig(StrictModel):
+    path: Path
+    """Input file: .txt (one document per file) or .jsonl, optionally .gz or .xz compressed."""
+    format: Literal["auto", "txt", "jsonl"] = "auto"
+    """File format; `auto` decides from the file name."""
+    domain: str | None = None
+    """Domain for documents that carry none (always used for .txt)."""
+    text_field: str = "text"
+    """JSONL key that holds the document text."""
+    max_documents: int | None = Field(default=None, gt=0)
+    """Read at most this many documents from this source (for smoke runs); None reads all."""
+
+    _check_path = field_validator("path")(_resolve_input_path)
+
+
+class DataConfig(StrictModel):
+    train: list[SourceConfig] = Field(min_length=1)
+    """Sources of training documents."""
+    val: list[SourceConfig] = []
+    """Sources of held-out validation documents (needed when train.eval_every_steps > 0)."""
+    shard_size_tokens: int = Field(default=1 << 22, gt=0)
+    """Target number of tokens per binary shard file."""
+
+
+class TokenizerConfig(StrictModel):
+    path: Path | None = None
+    """An existing Hugging Face `tokenizer.json` to use; None trains a byte-level BPE."""
+    vocab_size: int = Field(default=4096, ge=260)
+    """Vocabulary size of the trained BPE (256 byte symbols + special tokens + merges)."""
+    min_frequency: int = Field(default=2, ge=1)
+    """A pair must occur this often in the training text to become a merge."""
+    eos_token: str = "<|endoftext|>"
+    """End-of-document token, appended after every document when packing."""
+
+    _check_path = field_validator("path")(_resolve_input_path)
+
+
+class ModelConfig(StrictModel):
+    vocab_size: int | None = Field(default=None, gt=0)
+    """Embedding rows; None takes the tokenizer's size rounded up to `pad_vocab_multiple`."""
+    pad_vocab_multiple: int = Field(default=64, ge=1)
+    """Round the tokenizer's vocabulary up to a multiple of this (faster matmuls)."""
+    d_model: int = Field(default=256, gt=0)
+    """Width of the residual stream."""
+    num_layers: int = Field(default=4, gt=0)
+    """Number of decoder blocks."""
+    num_heads: int = Field(default=4, gt=0)
+    """Attention (query) heads per block."""
+    num_kv_heads: int | None = Field(default=None, gt=0)
+    """Key/value heads (grouped-query attention); None means num_heads (multi-head)."""
+    d_ffn: int | None = Field(default=None, gt=0)
+    """SwiGLU hidden width; None means 8/3 * d_model rounded up to a multiple of 64."""
+    max_seq_len: int = Field(default=512, gt=0)
+    """Longest sequence the model is built for (RoPE tables are sized to it)."""
+    rope_theta: float = Field(default=10000.0, gt=0)
+    """RoPE base frequency."""
+    norm_eps: float = Field(default=1e-5, gt=0)
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the input embedding matrix with the output head."""
+    init_std: float = Field(default=0.02, gt=0)
+    """Standard deviation of the normal weight init (output projections scaled by depth)."""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError("head dimension d_model / num_heads must be even for RoPE")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.kv_heads})")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ffn is not None:
+            return self.d_ffn
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+class TrainConfig(StrictModel):
+    seed: int = 1337
+    """Seeds Python, NumPy, torch and the data order."""
+    max_steps: int = Field(default=1000, gt=0)
+    """Optimizer steps of the whole run (the LR schedule ends here)."""
+    micro_batch_size: int = Field(default=8, gt=0)
+    """Sequences per forward/backward pass."""
+    grad_accum_steps: int = Field(default=1, gt=0)
+    """Micro-batches accumulated into one optimizer step."""
+    seq_len: int = Field(default=256, gt=0)
+    """Tokens per training sequence (must not exceed model.max_seq_len)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: bf16 autocast with fp32 master weights, or fp32; auto picks bf16
+    where the device runs bf16 matmuls natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto takes CUDA when present."""
+    compile: bool = False
+    """Compile the model with torch.compile (first steps are slower while it compiles)."""
+    deterministic: bool = False
+    """Use torch's deterministic algorithms (needed for bit-identical CUDA runs)."""
+    eval_every_steps: int = Field(default=100, ge=0)
+    """Validation loss every this many steps (and at the end); 0 disables it."""
+    eval_batches: int = Field(default=8, gt=0)
+    """Validation micro-batches per evaluation (always the same ones)."""
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """Decoupled weight decay (AdamW) on matrices; norms and embeddings are not decayed."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam first-moment decay."""
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    """Adam second-moment decay."""
+    eps: float = Field(default=1e-8, gt=0)
+    """Adam epsilon."""
+    grad_clip_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; None disables clipping."""
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = Field(default=100, gt=0)
+    """Save a checkpoint every this many steps (and always at the last step)."""
+    keep_last: int = Field(default=3, ge=1)
+    """Keep this many newest checkpoints; older ones are deleted after a successful save."""
+
+
+class SampleConfig(StrictModel):
+    prompts: list[str] = ["The"]
+    """Prompts that `helox run` completes after training."""
+    max_new_tokens: int = Field(default=48, gt=0)
+    """Tokens to generate per prompt."""
+    temperature: float = Field(default=0.8, ge=0)
+    """Softmax temperature; 0 means greedy."""
+    top_k: int | None = Field(default=40, gt=0)
+    """Sample among the k most likely tokens; None samples from all."""
+
+
+class RunConfig(StrictModel):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$")
+    """Run name; the default run folder is <workspace>/runs/<name>."""
+    workspace: Path = Path("workspace")
+    """Folder for datasets and runs (relative to the current directory)."""
+    data: DataConfig
+    """Where the documents come from and how shards are cut."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """The tokenizer to train or load."""
+    model: ModelConfig = ModelConfig()
+    """The decoder's shape."""
+    train: TrainConfig = TrainConfig()
+    """The training loop."""
+    optim: OptimConfig = OptimConfig()
+    """Optimizer and learning-rate schedule."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpoint cadence and retention."""
+    sample: SampleConfig = SampleConfig()
+    """Text samples printed by `helox run`."""
+
+    def sha256(self) -> str:
+        """Hash of the canonical JSON form (sorted keys); what run fingerprints are built on."""
+        return sha256_json(self.model_dump(mode="json"))
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading recipes
+
+
+def load_config(recipe: Path | str, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply `a.b.c=value` overrides, validate; raise ConfigError listing all."""
+    recipe = Path(recipe)
+    raw = _read_yaml(recipe)
+    problems = []
+    for override in overrides:
+        problem = apply_override(raw, override)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(str(recipe), problems)
+    return validate_config(raw, source=str(recipe), base_dir=recipe.parent.resolve())
+
+
+def validate_config(raw: dict, source: str, base_dir: Path | None = None) -> RunConfig:
+    try:
+        config = RunConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+    problems = _cross_section_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """Checks that span sections, each reported at the path the user should edit."""
+    problems = []
+    if config.train.seq_len > config.model.max_seq_len:
+        problems.append(("train.seq_len", f"{config.train.seq_len} exceeds model.max_seq_len "
+                                          f"({config.model.max_seq_len})"))
+    if config.train.eval_every_steps and not config.data.val:
+        problems.append(("data.val", "validation sources are needed because "
+                                     "train.eval_every_steps > 0 (or set it to 0)"))
+    if config.optim.warmup_steps >= config.train.max_steps:
+        problems.append(("optim.warmup_steps", f"{config.optim.warmup_steps} must be below "
+                                               f"train.max_steps ({config.train.max_steps})"))
+    return problems
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def read_saved_config(path: Path) -> RunConfig:
+    """A config saved by `save_config` in a run folder or checkpoint; its input files may be gone."""
+    raw = _read_yaml(Path(path))
+    try:
+        return RunConfig.model_validate(raw, context={"check_files": False})
+    except ValidationError as exc:
+        raise ConfigError(str(path), [_describe(err) for err in exc.errors()]) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(str(path), [("<recipe>", f"file not found: {path.resolve()}")])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [("<recipe>", f"not valid YAML: {exc}")]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [("<recipe>", "the top level must be a mapping of sections")])
+    return raw
+
+
+def apply_override(raw: dict, override: str) -> tuple[str, str] | None:
+    """Set `a.b.0.c=value` in the raw recipe dict (value parsed as YAML); return a problem or None."""
+    dotted, sep, text = override.partition("=")
+    if not sep or not dotted:
+        return (override, "an override must look like section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    keys = dotted.split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = _child(node, key)
+        if child is None:
+            child = {}
+            if isinstance(node, dict):
+                node[key] = child
+            else:
+                return (".".join(keys[: depth + 1]), "no such list item to override")
+        node = child
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            return (dotted, "no such list item to override")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        return (dotted, "cannot set a key inside a scalar value")
+    return None
+
+
+def _child(node: Any, key: str) -> Any:
+    if isinstance(node, dict):
+        return node.get(key)
+    if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+        return node[int(key)]
+    return None
+
+
+def _describe(err: dict) -> tuple[str, str]:
+    """Turn one pydantic error into (dotted path, message with the offending value)."""
+    loc = [str(part) for part in err["loc"]]
+    path = ".".join(loc) or "<recipe>"
+    kind, message = err["type"], err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return (path, _unknown_key_message(loc))
+    if kind == "missing":
+        return (path, "required key is missing")
+    if kind not in ("value_error", "assertion_error") and "input" in err:
+        message += f" (got {err['input']!r})"
+    return (path, message)
+
+
+def _unknown_key_message(loc: list[str]) -> str:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        if part.isdigit() or model is None:
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field else None
+    if model is None:
+        return "unknown key"
+    valid = sorted(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    guess = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown key{guess} (valid keys: {', '.join(valid)})"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None

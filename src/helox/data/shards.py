@@ -1,0 +1,173 @@
+"""Binary token shards, their manifest, and content-addressed dataset versions.
+
+A dataset version is a folder `<workspace>/datasets/<version>/` holding
+  tokenizer.json                  the tokenizer the shards were made with
+  <split>-<5 digits>.bin          raw little-endian token ids (uint16, or uint32 for big vocabularies),
+                                  every document followed by the end-of-document token
+  manifest.json                   per shard: file, sha256, tokens, documents, per-domain counts
+  lineage.json                    how it was built (sources and their hashes, config); not hashed
+The version id is the sha256 of the canonical manifest JSON (first 16 hex digits): the same
+tokens and tokenizer always give the same id, and any change gives another one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from helox.config import sha256_json
+from helox.errors import HeloxError
+from helox.fileio import sha256_file
+
+MANIFEST_FORMAT = 1
+VERSION_ID_HEX_DIGITS = 16
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+
+@dataclass
+class ShardWriter:
+    """Accumulates tokenized documents of one split and cuts them into shard files.
+
+    A document never straddles two shards; a shard is closed once it holds `shard_size_tokens`.
+    """
+
+    out_dir: Path
+    split: str
+    vocab_size: int
+    shard_size_tokens: int
+    shards: list[dict] = field(default_factory=list)
+    _pending: list[np.ndarray] = field(default_factory=list)
+    _pending_tokens: int = 0
+    _domain_tokens: Counter = field(default_factory=Counter)
+    _domain_documents: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.dtype = token_dtype(self.vocab_size)
+        self.token_counts = np.zeros(self.vocab_size, dtype=np.int64)
+
+    def add(self, token_ids: list[int], domain: str) -> None:
+        array = np.asarray(token_ids, dtype=self.dtype)
+        self._pending.append(array)
+        self._pending_tokens += len(array)
+        self._domain_tokens[domain] += len(array)
+        self._domain_documents[domain] += 1
+        if self._pending_tokens >= self.shard_size_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        tokens = np.concatenate(self._pending)
+        path = self.out_dir / f"{self.split}-{len(self.shards):05d}.bin"
+        tokens.tofile(path)
+        self.token_counts += np.bincount(tokens, minlength=len(self.token_counts))
+        self.shards.append({
+            "file": path.name,
+            "sha256": sha256_file(path),
+            "num_tokens": int(len(tokens)),
+            "num_documents": len(self._pending),
+            "domain_tokens": dict(sorted(self._domain_tokens.items())),
+            "domain_documents": dict(sorted(self._domain_documents.items())),
+        })
+        self._pending, self._pending_tokens = [], 0
+        self._domain_tokens, self._domain_documents = Counter(), Counter()
+
+    def summary(self) -> dict:
+        domain_tokens: Counter = Counter()
+        domain_documents: Counter = Counter()
+        for shard in self.shards:
+            domain_tokens.update(shard["domain_tokens"])
+            domain_documents.update(shard["domain_documents"])
+        return {
+            "num_tokens": sum(s["num_tokens"] for s in self.shards),
+            "num_documents": sum(s["num_documents"] for s in self.shards),
+            "domain_tokens": dict(sorted(domain_tokens.items())),
+            "domain_documents": dict(sorted(domain_documents.items())),
+            "shards": self.shards,
+        }
+
+
+def unigram_entropy_nats(token_counts: np.ndarray) -> float:
+    """Entropy of the token frequency distribution: the loss of the best context-free model."""
+    counts = token_counts[token_counts > 0].astype(np.float64)
+    probs = counts / counts.sum()
+    return float(-(probs * np.log(probs)).sum())
+
+
+def version_id(manifest: dict) -> str:
+    return sha256_json(manifest)[:VERSION_ID_HEX_DIGITS]
+
+
+class DatasetVersion:
+    """A prepared, immutable dataset folder (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise HeloxError(f"{self.path}: not a dataset version (no manifest.json)",
+                             hint="prepare it with `helox data prepare RECIPE`")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.version = version_id(self.manifest)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.manifest["dtype"])
+
+    @property
+    def eos_id(self) -> int:
+        return self.manifest["tokenizer"]["eos_id"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    def split(self, name: str) -> dict:
+        if name not in self.manifest["splits"]:
+            raise HeloxError(f"dataset {self.version} has no '{name}' split",
+                             hint="add sources for it to the recipe's data section")
+        return self.manifest["splits"][name]
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.path / shard["file"] for shard in self.split(split)["shards"]]
+
+    def verify(self) -> list[str]:
+        """Re-checksum the tokenizer and every shard; return the names of files that differ."""
+        bad = []
+        if sha256_file(self.tokenizer_path) != self.manifest["tokenizer"]["sha256"]:
+            bad.append(self.tokenizer_path.name)
+        for split in self.splits():
+            for shard in self.split(split)["shards"]:
+                path = self.path / shard["file"]
+                if not path.is_file() or sha256_file(path) != shard["sha256"]:
+                    bad.append(shard["file"])
+        return bad
+
+
+def build_manifest(tokenizer_info: dict, dtype: np.dtype, splits: dict[str, dict],
+                   train_token_counts: np.ndarray) -> dict:
+    return {
+        "format": MANIFEST_FORMAT,
+        "dtype": dtype.str,
+        "tokenizer": tokenizer_info,
+        "splits": splits,
+        "stats": {"unigram_entropy_nats": round(unigram_entropy_nats(train_token_counts), 6),
+                  "unigram_entropy_bits": round(unigram_entropy_nats(train_token_counts)
+                                                / math.log(2), 6)},
+    }

@@ -1,0 +1,50 @@
+"""Sampling text from a trained model (temperature and top-k; greedy at temperature 0)."""
+
+from __future__ import annotations
+
+import torch
+
+from helox.model.llama import Llama
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature: float,
+             top_k: int | None, stop_id: int | None = None,
+             generator: torch.Generator | None = None) -> list[int]:
+    """Continue `prompt_ids`; returns only the new tokens (stopping early at `stop_id`).
+
+    Recomputes the whole (cropped) context per token: the models trained here are small enough
+    that a KV cache would not pay for its complexity yet.
+    """
+    device = next(model.parameters()).device
+    tokens_1T = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    new_ids: list[int] = []
+    for _ in range(max_new_tokens):
+        logits_V = model(tokens_1T[:, -model.cfg.max_seq_len:])[0, -1].float()
+        next_id = _pick(logits_V, temperature, top_k, generator)
+        if next_id == stop_id:
+            break
+        new_ids.append(next_id)
+        tokens_1T = torch.cat([tokens_1T, tokens_1T.new_tensor([[next_id]])], dim=1)
+    return new_ids
+
+
+def _pick(logits_V: torch.Tensor, temperature: float, top_k: int | None,
+          generator: torch.Generator | None) -> int:
+    if temperature == 0:
+        return int(logits_V.argmax())
+    logits_V = logits_V / temperature
+    if top_k is not None and top_k < logits_V.numel():
+        kth_value = torch.topk(logits_V, top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth_value, float("-inf"))
+    probs_V = torch.softmax(logits_V, dim=-1)
+    return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+def complete(model: Llama, tokenizer, prompt: str, stop_id: int, max_new_tokens: int,
+             temperature: float, top_k: int | None, seed: int = 0) -> str:
+    """Text continuation of `prompt`, which is read as the start of a document (after EOS)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    prompt_ids = [stop_id, *tokenizer.encode(prompt).ids]
+    new_ids = generate(model, prompt_ids, max_new_tokens, temperature, top_k, stop_id, generator)
+    return tokenizer.decode(new_ids)

@@ -1,0 +1,144 @@
+"""Llama-style decoder: RMSNorm, rotary position embeddings, SwiGLU, grouped-query attention.
+
+Single-device model code; parallelism and precision policies are applied from outside.
+RoPE uses the rotate-half layout of Hugging Face's Llama, so weights convert by renaming only.
+
+Legend for tensor suffixes: B batch, T sequence, D d_model, H query heads, K key/value heads,
+E head dim, F SwiGLU hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helox.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under autocast: the mean of squares loses precision in bf16.
+        normed_BTD = F.rms_norm(x_BTD.float(), (x_BTD.shape[-1],), eps=self.eps)
+        return self.weight * normed_BTD.type_as(x_BTD)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_seq_len, head_dim), halves repeated (rotate-half layout), fp32."""
+    inv_freq_E2 = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles_TE2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq_E2)
+    angles_TE = torch.cat([angles_TE2, angles_TE2], dim=-1)
+    return angles_TE.cos(), angles_TE.sin()
+
+
+def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHTE.chunk(2, dim=-1)
+    rotated_BHTE = torch.cat([-x2, x1], dim=-1)
+    return (x_BHTE * cos_TE + rotated_BHTE * sin_TE).type_as(x_BHTE)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor):
+        B, T, _ = x_BTD.shape
+        q_BHTE = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BKTE = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BKTE = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHTE, k_BKTE = apply_rope(q_BHTE, cos_TE, sin_TE), apply_rope(k_BKTE, cos_TE, sin_TE)
+        if self.num_kv_heads != self.num_heads:
+            # Expanding K/V keeps SDPA on its fused kernels, which GQA mode can leave on CPU.
+            repeats = self.num_heads // self.num_kv_heads
+            k_BKTE = k_BKTE.repeat_interleave(repeats, dim=1)
+            v_BKTE = v_BKTE.repeat_interleave(repeats, dim=1)
+        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True)
+        return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TE, sin_TE)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos_TE, sin_TE = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos_TE, persistent=False)
+        self.register_buffer("rope_sin", sin_TE, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; projections into the residual stream scaled by
+        1/sqrt(2 * num_layers) so its variance does not grow with depth (GPT-2)."""
+        std = self.cfg.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=std / math.sqrt(2 * self.cfg.num_layers))
+            else:
+                nn.init.normal_(param, std=std)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, V) for a batch of token ids (B, T)."""
+        T = tokens_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos_TE, sin_TE = self.rope_cos[:T], self.rope_sin[:T]
+        x_BTD = self.embed(tokens_BT)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, cos_TE, sin_TE)
+        return self.lm_head(self.norm(x_BTD))
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+        return total if include_embedding else total - self.embed.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 per non-embedding parameter plus attention scores (PaLM)."""
+        attention = 12 * self.cfg.num_layers * self.cfg.d_model * seq_len
+        head = 6 * self.cfg.d_model * self.cfg.vocab_size
+        return 6 * self.num_params(include_embedding=False) + attention + (
+            head if self.cfg.tie_embeddings else 0)

@@ -1,0 +1,71 @@
+"""`helox run`: the main job on one recipe: data → tokenizer → shards → train → samples → summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from helox.config import RunConfig
+from helox.data.prepare import prepare_dataset
+from helox.data.shards import DatasetVersion
+from helox.model.generate import complete
+from helox.observe.metrics import read_metrics
+from helox.train.checkpoint import list_checkpoints, load_trained_model
+from helox.train.loop import TrainResult, train
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return config.workspace / "runs" / config.name
+
+
+def prepare_with_progress(config: RunConfig, console: Console) -> DatasetVersion:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("reading sources")
+        dataset = prepare_dataset(
+            config, lambda stage, done: progress.update(task, description=f"{stage}: {done:,} docs"))
+    split = dataset.split("train")
+    console.print(f"dataset {dataset.version}: {split['num_tokens']:,} training tokens in "
+                  f"{len(split['shards'])} shard(s), {dataset.path}")
+    return dataset
+
+
+def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> None:
+    dataset = prepare_with_progress(config, console)
+    result = train(config, run_dir, dataset, console=console)
+    samples = sample_texts(result, config)
+    print_summary(console, config, dataset, result, samples)
+
+
+def sample_texts(result: TrainResult, config: RunConfig) -> list[tuple[str, str]]:
+    checkpoint = list_checkpoints(result.run_dir)[0]
+    model, tokenizer, saved = load_trained_model(checkpoint)
+    eos = tokenizer.token_to_id(saved.tokenizer.eos_token)
+    sc = config.sample
+    return [(prompt, complete(model, tokenizer, prompt, eos, sc.max_new_tokens, sc.temperature,
+                              sc.top_k, seed=config.train.seed)) for prompt in sc.prompts]
+
+
+def print_summary(console: Console, config: RunConfig, dataset: DatasetVersion,
+                  result: TrainResult, samples: list[tuple[str, str]]) -> None:
+    for prompt, text in samples:
+        console.rule(f"sample: {prompt!r}")
+        console.print(prompt + text, markup=False, highlight=False)
+    entropy = dataset.manifest["stats"]["unigram_entropy_nats"]
+    val_losses = [m["val_loss"] for m in read_metrics(result.run_dir / "metrics.jsonl")
+                  if "val_loss" in m]
+    table = Table(title="Helox run: artifacts", show_header=False, title_justify="left")
+    table.add_row("dataset version", f"{dataset.version}  ({dataset.path})")
+    table.add_row("tokenizer", str(dataset.tokenizer_path))
+    table.add_row("run folder", str(result.run_dir))
+    table.add_row("checkpoints", "\n".join(str(p) for p in list_checkpoints(result.run_dir)))
+    table.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
+    table.add_row("config, fingerprint", f"{result.run_dir / 'config.yaml'}, "
+                                         f"{result.run_dir / 'run.json'}")
+    if val_losses:
+        table.add_row("validation loss", f"{val_losses[-1]:.3f} nats/token (unigram entropy of "
+                                         f"the corpus: {entropy:.3f})")
+    console.print(table)

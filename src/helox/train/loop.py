@@ -1,0 +1,257 @@
+"""The training loop. `train` reads top to bottom: build, resume, then step / log / eval / save.
+
+Legend: B micro-batch size, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from helox.config import RunConfig, read_saved_config, save_config, sha256_json
+from helox.data.loader import PackedLoader
+from helox.data.shards import DatasetVersion
+from helox.errors import HeloxError
+from helox.model.llama import Llama
+from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
+from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
+from helox.train import checkpoint as ckpt
+from helox.train.optim import build_optimizer, lr_at, set_lr
+
+# Config fields that may change when resuming, because they do not change the trajectory.
+RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches"}}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    resumed_from_step: int | None
+    last_loss: float | None
+    last_val_loss: float | None
+    checkpoint: Path | None
+
+
+def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step: int | None = None,
+          console: Console | None = None) -> TrainResult:
+    """Train (or resume) the run in `run_dir` up to train.max_steps, or `until_step` if given
+    (the schedule still targets max_steps, as when a job is preempted)."""
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    config = resolve_vocab_size(config, dataset)
+    device = pick_device(config.train.device)
+    precision = pick_precision(config.train.precision, device)
+    seed_everything(config.train.seed, config.train.deterministic)
+    model = Llama(config.model).to(device)
+    optimizer = build_optimizer(model, config.optim)
+    loader = PackedLoader(dataset, "train", config.train.seq_len, config.train.micro_batch_size,
+                          config.train.seed)
+    run_info = {**run_fingerprint(config.sha256(), dataset.version),
+                "resume_key": resume_key(config, dataset.version), "dataset_path": str(dataset.path),
+                "precision": precision, "device": str(device)}
+    start_step = resume(run_dir, run_info, config, model, optimizer, loader, console)
+    write_run_files(run_dir, config, run_info)
+
+    forward = torch.compile(model) if config.train.compile else model
+    autocast = precision_context(device, precision)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    tc, grad_accum = config.train, config.train.grad_accum_steps
+    tokens_per_step = grad_accum * tc.micro_batch_size * tc.seq_len
+    last_step = min(tc.max_steps, until_step or tc.max_steps)
+    step, loss, val_loss, saved = start_step, None, None, None
+    console.print(f"training {model.num_params():,} parameters on {device} ({precision}), "
+                  f"steps {start_step}→{last_step} of {tc.max_steps}, "
+                  f"{tokens_per_step:,} tokens per step, run folder {run_dir}")
+    with StepProgress(console, tc.max_steps, start_step) as progress:
+        while step < last_step:
+            lr = lr_at(step, config.optim, tc.max_steps)
+            set_lr(optimizer, lr)
+            started = time.perf_counter()
+            batches = [loader.next_batch() for _ in range(grad_accum)]
+            loss, grad_norm = train_step(forward, model, optimizer, batches, device, autocast,
+                                         config.optim.grad_clip_norm)
+            tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+            step += 1
+            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": round(tokens_per_s, 1),
+                           "tokens_seen": step * tokens_per_step, "epoch": loader.epoch})
+            step_val_loss = None
+            if tc.eval_every_steps and (step % tc.eval_every_steps == 0 or step == tc.max_steps):
+                val_loss = step_val_loss = evaluate(forward, model, dataset, config, device,
+                                                    autocast)
+                metrics.write({"step": step, "val_loss": val_loss})
+            if step % config.checkpoint.every_steps == 0 or step == last_step:
+                state = {"rng": rng_state(), "loader": loader.state_dict()}
+                saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config,
+                                             run_info, config.checkpoint.keep_last,
+                                             extra_files={"tokenizer.json": dataset.tokenizer_path})
+            progress.update(step, loss, tokens_per_s, step_val_loss)
+    metrics.close()
+    return TrainResult(run_dir, step, start_step or None, loss, val_loss, saved)
+
+
+def train_step(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+               batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+               autocast: contextlib.AbstractContextManager, clip_norm: float | None,
+               ) -> tuple[float, float]:
+    """One optimizer step over the micro-batches; returns (mean loss per target token, grad norm).
+
+    The loss is summed over tokens and divided by the target tokens of *all* micro-batches, so
+    accumulation gives the same gradient as one big batch whatever the micro-batch split.
+    """
+    num_targets = sum(targets_BT.numel() for _, targets_BT in batches)
+    loss_total = torch.zeros((), device=device)
+    for inputs_BT, targets_BT in batches:
+        inputs_BT, targets_BT = inputs_BT.to(device), targets_BT.to(device)
+        with autocast:
+            logits_BTV = forward(inputs_BT)
+        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
+                               reduction="sum") / num_targets
+        loss.backward()
+        loss_total += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip_norm is None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value, norm_value = torch.stack([loss_total, grad_norm.float()]).tolist()  # one sync
+    return loss_value, norm_value
+
+
+@torch.no_grad()
+def evaluate(forward: nn.Module, model: nn.Module, dataset: DatasetVersion, config: RunConfig,
+             device: torch.device, autocast: contextlib.AbstractContextManager) -> float:
+    """Mean loss per token over the first train.eval_batches batches of the validation split."""
+    tc = config.train
+    loader = PackedLoader(dataset, "val", tc.seq_len, tc.micro_batch_size, tc.seed, shuffle=False)
+    num_batches = min(tc.eval_batches, loader.num_blocks // tc.micro_batch_size)
+    model.eval()
+    loss_sum, num_tokens = torch.zeros((), device=device), 0
+    for _ in range(num_batches):
+        inputs_BT, targets_BT = loader.next_batch()
+        with autocast:
+            logits_BTV = forward(inputs_BT.to(device))
+        loss_sum += F.cross_entropy(logits_BTV.float().flatten(0, 1),
+                                    targets_BT.to(device).flatten(), reduction="sum")
+        num_tokens += targets_BT.numel()
+    model.train()
+    return loss_sum.item() / num_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def resolve_vocab_size(config: RunConfig, dataset: DatasetVersion) -> RunConfig:
+    """Fill model.vocab_size from the tokenizer (rounded up), or check that it is large enough."""
+    model = config.model
+    if model.vocab_size is None:
+        multiple = model.pad_vocab_multiple
+        padded = -(-dataset.vocab_size // multiple) * multiple
+        return config.model_copy(update={"model": model.model_copy(update={"vocab_size": padded})})
+    if model.vocab_size < dataset.vocab_size:
+        raise HeloxError(f"model.vocab_size {model.vocab_size} is smaller than the tokenizer's "
+                         f"{dataset.vocab_size} tokens",
+                         hint="leave model.vocab_size unset to take the tokenizer's size")
+    return config
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HeloxError("train.device is 'cuda' but no CUDA device is available",
+                         hint="set train.device=cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 (see PERF.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast keeps fp32 master weights and optimizer state; matmuls run in bf16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def resume_key(config: RunConfig, dataset_version: str) -> str:
+    """Hash of everything that determines the training trajectory; resuming requires a match."""
+    return sha256_json(_trajectory_config(config) | {"dataset_version": dataset_version})
+
+
+def _trajectory_config(config: RunConfig) -> dict:
+    sections = config.model_dump(mode="json", include={"model", "train", "optim"})
+    for section, fields in RESUMABLE_CHANGES.items():
+        for name in fields:
+            sections[section].pop(name, None)
+    return sections
+
+
+def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
+           optimizer: torch.optim.Optimizer, loader: PackedLoader, console: Console) -> int:
+    """Load the newest valid checkpoint of `run_dir` into the objects; return its step (or 0)."""
+    ckpt.remove_stale_temporaries(run_dir)
+    restored = ckpt.load_newest_valid(run_dir, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+    if restored is None:
+        return 0
+    saved_info = json.loads((restored.path / "run.json").read_text())
+    if saved_info["resume_key"] != run_info["resume_key"]:
+        raise HeloxError(f"{run_dir} holds checkpoints of a different run: "
+                         + _describe_mismatch(restored.path, config, saved_info, run_info),
+                         hint="train in a new --run-dir, or resume with the original recipe")
+    ckpt.load_weights(restored.path, model)
+    ckpt.load_optimizer(restored.path, optimizer)
+    loader.load_state_dict(restored.state["loader"])
+    set_rng_state(restored.state["rng"])
+    truncate_after_step(run_dir / "metrics.jsonl", restored.step)
+    console.print(f"resuming from {restored.path.name}")
+    return restored.step
+
+
+def _describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info: dict) -> str:
+    saved = read_saved_config(path / "config.yaml")
+    diffs = _dotted_diffs(_trajectory_config(saved), _trajectory_config(config))
+    if saved_info["dataset_version"] != run_info["dataset_version"]:
+        diffs.append(f"dataset version {saved_info['dataset_version']} → "
+                     f"{run_info['dataset_version']}")
+    return "; ".join(diffs) or "resume key differs"
+
+
+def _dotted_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _dotted_diffs(a, b, path + ".")
+        elif a != b:
+            diffs.append(f"{path} {a!r} → {b!r}")
+    return diffs
+
+
+def write_run_files(run_dir: Path, config: RunConfig, run_info: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=1))

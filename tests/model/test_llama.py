@@ -1,0 +1,56 @@
+import torch
+
+from helox.config import ModelConfig
+from helox.model.generate import generate
+from helox.model.llama import Llama
+
+
+def tiny_model(**overrides) -> Llama:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_seq_len=24, **overrides)
+    return Llama(cfg).eval()
+
+
+def test_logits_shape_and_causality():
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 16))
+    logits = model(tokens)
+    assert logits.shape == (2, 16, 97)
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97
+    torch.testing.assert_close(model(changed)[:, :10], logits[:, :10])
+    assert not torch.allclose(model(changed)[:, 10:], logits[:, 10:])
+
+
+def test_tied_head_shares_the_embedding_and_is_counted_once():
+    tied, untied = tiny_model(tie_embeddings=True), tiny_model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.embed.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
+
+
+def test_gqa_matches_multi_head_with_repeated_kv_weights():
+    gqa = tiny_model()
+    mha = Llama(gqa.cfg.model_copy(update={"num_kv_heads": 4})).eval()
+    state = gqa.state_dict()
+    for name in list(state):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            state[name] = state[name].view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, 97, (1, 12))
+    torch.testing.assert_close(mha(tokens), gqa(tokens))
+
+
+def test_greedy_generation_is_deterministic_and_stops_at_stop_id():
+    model = tiny_model()
+    first = generate(model, [1, 2, 3], 30, temperature=0, top_k=None)
+    assert first == generate(model, [1, 2, 3], 30, temperature=0, top_k=None)
+    assert len(first) == 30  # longer than max_seq_len - 3: the context is cropped
+    stop = first[4]
+    assert generate(model, [1, 2, 3], 30, 0, None, stop_id=stop) == first[:first.index(stop)]
+
+
+def test_sampling_respects_top_k_and_seed():
+    model = tiny_model()
+    gen = lambda seed: generate(model, [5], 10, 1.0, 1, generator=torch.Generator().manual_seed(seed))
+    assert gen(0) == gen(1) == generate(model, [5], 10, 0, None)  # top-1 sampling is greedy

@@ -1,0 +1,92 @@
+import pytest
+import yaml
+
+from helox.config import ConfigError, apply_override, load_config
+from helox.testing.tiny import QUICKSTART, tiny_raw_config
+
+
+def write_recipe(tmp_path, raw):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def problems_of(exc_info):
+    return dict(exc_info.value.problems)
+
+
+def test_quickstart_recipe_loads_with_public_keys():
+    config = load_config(QUICKSTART, ["train.max_steps=200", "optim.lr=1e-3"])
+    assert config.train.max_steps == 200 and config.optim.lr == 1e-3
+    for key in ("seed", "max_steps", "micro_batch_size", "grad_accum_steps", "seq_len"):
+        assert hasattr(config.train, key)
+    assert config.checkpoint.every_steps > 0 and config.checkpoint.keep_last >= 1
+    assert config.data.train[0].path.is_absolute()  # resolved against the recipe folder
+
+
+def test_every_problem_is_reported_at_once_with_its_dotted_path(tmp_path):
+    raw = tiny_raw_config(tmp_path)
+    raw["train"]["max_stpes"] = 5
+    raw["train"]["micro_batch_size"] = "eight"
+    raw["optim"]["lr"] = -0.1
+    raw["data"]["train"][0]["path"] = "missing.jsonl"
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(write_recipe(tmp_path, raw))
+    problems = problems_of(exc_info)
+    assert set(problems) == {"train.max_stpes", "train.micro_batch_size", "optim.lr",
+                             "data.train.0.path"}
+    assert "did you mean 'max_steps'" in problems["train.max_stpes"]
+    assert "'eight'" in problems["train.micro_batch_size"]
+    assert "greater than 0" in problems["optim.lr"]
+    assert "file not found" in problems["data.train.0.path"]
+    assert "missing.jsonl" in problems["data.train.0.path"]
+
+
+def test_unknown_section_is_refused(tmp_path):
+    raw = tiny_raw_config(tmp_path) | {"trian": {}}
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(write_recipe(tmp_path, raw))
+    assert "did you mean 'train'" in problems_of(exc_info)["trian"]
+
+
+def test_cross_section_checks_name_the_field_to_edit(tmp_path):
+    raw = tiny_raw_config(tmp_path)
+    raw["train"]["seq_len"] = 128  # model.max_seq_len is 64
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(write_recipe(tmp_path, raw))
+    assert "exceeds model.max_seq_len" in problems_of(exc_info)["train.seq_len"]
+
+
+def test_model_shape_problems(tmp_path):
+    raw = tiny_raw_config(tmp_path)
+    raw["model"]["num_kv_heads"] = 3
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(write_recipe(tmp_path, raw))
+    assert "multiple of num_kv_heads" in problems_of(exc_info)["model"]
+
+
+def test_overrides_parse_yaml_values_and_reach_into_lists():
+    raw = {"train": {"max_steps": 1}, "data": {"train": [{"path": "a"}]}}
+    assert apply_override(raw, "train.max_steps=50") is None
+    assert apply_override(raw, "train.compile=true") is None
+    assert apply_override(raw, "data.train.0.path=b.jsonl") is None
+    assert raw["train"] == {"max_steps": 50, "compile": True}
+    assert raw["data"]["train"][0]["path"] == "b.jsonl"
+    assert apply_override(raw, "no_equals_sign")[1].startswith("an override must look like")
+    assert apply_override(raw, "data.train.5.path=x")[1] == "no such list item to override"
+
+
+def test_bad_override_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as exc_info:
+        load_config(QUICKSTART, ["train.max_steps=-3", "train.bogus=1"])
+    problems = problems_of(exc_info)
+    assert set(problems) == {"train.max_steps", "train.bogus"}
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,127 @@
+"""Tier-5 checks of the loop: determinism, exact resume, fall-back, refusal, loss going down."""
+
+import json
+import shutil
+
+import pytest
+from rich.console import Console
+
+from helox.config import load_config
+from helox.data.prepare import prepare_dataset
+from helox.errors import HeloxError
+from helox.observe.metrics import read_metrics
+from helox.testing.tiny import QUICKSTART, tiny_config
+from helox.train.checkpoint import list_checkpoints
+from helox.train.loop import train
+
+
+def run(config, dataset, run_dir, until_step=None, console=None):
+    return train(config, run_dir, dataset, until_step=until_step,
+                 console=console or Console(quiet=True))
+
+
+def losses(run_dir):
+    return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+
+
+def test_same_seed_gives_identical_losses(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace)
+    run(config, tiny_dataset, tmp_path / "a")
+    run(config, tiny_dataset, tmp_path / "b")
+    assert len(losses(tmp_path / "a")) == 8
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    other = tiny_config(workspace, overrides=["train.seed=8"])
+    run(other, tiny_dataset, tmp_path / "c")
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["train.grad_accum_steps=2"], ["train.precision=bf16", "train.grad_accum_steps=3"]],
+    ids=["plain", "accum2", "bf16-accum3"])
+def test_stop_and_resume_is_bit_identical(tiny_dataset, workspace, tmp_path, overrides):
+    config = tiny_config(workspace, overrides=["train.max_steps=10", "checkpoint.every_steps=3",
+                                               *overrides])
+    run(config, tiny_dataset, tmp_path / "straight")
+    first = run(config, tiny_dataset, tmp_path / "resumed", until_step=5)
+    assert first.step == 5 and first.checkpoint.name == "step-00000005"
+    second = run(config, tiny_dataset, tmp_path / "resumed")
+    assert second.resumed_from_step == 5 and second.step == 10
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_metrics_after_the_checkpoint_are_replaced_on_resume(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace, overrides=["train.max_steps=8", "checkpoint.every_steps=4"])
+    run(config, tiny_dataset, tmp_path / "straight")
+    run(config, tiny_dataset, tmp_path / "crashed", until_step=6)  # checkpoints at 4 and 6
+    with (tmp_path / "crashed" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 7, "loss": 123.0}) + "\n{torn")  # as if killed mid-write
+    # Drop the step-6 checkpoint: the resume starts from step 4.
+    shutil.rmtree(tmp_path / "crashed" / "checkpoints" / "step-00000006")
+    run(config, tiny_dataset, tmp_path / "crashed")
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace, overrides=["train.max_steps=8", "checkpoint.every_steps=2",
+                                               "checkpoint.keep_last=3"])
+    run(config, tiny_dataset, tmp_path / "straight")
+    run(config, tiny_dataset, tmp_path / "run", until_step=6)
+    newest = list_checkpoints(tmp_path / "run")[0]
+    assert newest.name == "step-00000006"
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    console = Console(record=True, width=200)
+    result = run(config, tiny_dataset, tmp_path / "run", console=console)
+    assert result.resumed_from_step == 4
+    assert "skipping checkpoint step-00000006: model.safetensors does not match" in console.export_text()
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
+def test_half_written_checkpoint_is_ignored(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace)
+    run(config, tiny_dataset, tmp_path / "run", until_step=4)
+    (tmp_path / "run" / "checkpoints" / "step-00000004" / "checksums.json").unlink()
+    (tmp_path / "run" / "checkpoints" / ".tmp-step-00000006-1").mkdir()  # crash mid-save
+    result = run(config, tiny_dataset, tmp_path / "run")
+    assert result.resumed_from_step is None and result.step == 8
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_with_a_different_config_is_refused(tiny_dataset, workspace, tmp_path):
+    run(tiny_config(workspace), tiny_dataset, tmp_path / "run", until_step=4)
+    changed = tiny_config(workspace, overrides=["optim.lr=0.01"])
+    with pytest.raises(HeloxError, match=r"different run: optim.lr 0.003 → 0.01"):
+        run(changed, tiny_dataset, tmp_path / "run")
+    harmless = tiny_config(workspace, overrides=["train.eval_every_steps=2"])
+    assert run(harmless, tiny_dataset, tmp_path / "run").resumed_from_step == 4
+
+
+def test_keep_last_prunes_old_checkpoints(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace, overrides=["checkpoint.every_steps=1", "checkpoint.keep_last=2"])
+    run(config, tiny_dataset, tmp_path / "run")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000007"]
+
+
+def test_run_folder_records_config_and_fingerprint(tiny_dataset, workspace, tmp_path):
+    run(tiny_config(workspace), tiny_dataset, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["dataset_version"] == tiny_dataset.version
+    assert len(info["fingerprint"]) == 64 and info["libraries"]["torch"]
+    assert (tmp_path / "run" / "config.yaml").read_text().count("vocab_size: 512") == 2
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_loss_goes_down(tmp_path):
+    config = load_config(QUICKSTART, [f"workspace={tmp_path}", "train.max_steps=40",
+                                      "optim.warmup_steps=10", "train.eval_every_steps=40"])
+    dataset = prepare_dataset(config)
+    run(config, dataset, tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
+    val = [m["val_loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in m]
+    assert val[-1] < dataset.manifest["stats"]["unigram_entropy_nats"]
