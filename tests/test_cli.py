@@ -43,3 +43,24 @@ def test_generate_on_empty_folder_says_how_to_fix(tmp_path):
     assert result.returncode == 1
     assert "no valid checkpoint" in result.stderr and "helox train" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_then_generate_end_to_end(tmp_path):
+    raw = tiny_raw_config(tmp_path / "ws")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = helox("run", str(recipe), "--set", "train.max_steps=6", "--set",
+                   "optim.warmup_steps=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "ws" / "runs" / "tiny"
+    for artifact in ("dataset version", "tokenizer", "checkpoints", "metrics",
+                     str(run_dir / "checkpoints" / "step-00000006"), "unigram entropy"):
+        assert artifact in result.stderr.replace("\n", " ") or artifact in result.stderr
+    assert "sample: 'In the'" in result.stderr
+    generated = helox("generate", str(run_dir), "--prompt", "In the", "--max-new-tokens", "5",
+                      "--temperature", "0")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("In the") and len(generated.stdout) > len("In the\n")
+    again = helox("generate", str(run_dir / "checkpoints" / "step-00000006"), "--prompt",
+                  "In the", "--max-new-tokens", "5", "--temperature", "0")
+    assert again.stdout == generated.stdout

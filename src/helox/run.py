@@ -6,7 +6,6 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from helox.config import RunConfig
 from helox.data.prepare import prepare_dataset
@@ -29,7 +28,7 @@ def prepare_with_progress(config: RunConfig, console: Console) -> DatasetVersion
             config, lambda stage, done: progress.update(task, description=f"{stage}: {done:,} docs"))
     split = dataset.split("train")
     console.print(f"dataset {dataset.version}: {split['num_tokens']:,} training tokens in "
-                  f"{len(split['shards'])} shard(s), {dataset.path}")
+                  f"{len(split['shards'])} shard(s), {dataset.path}", soft_wrap=True)
     return dataset
 
 
@@ -57,15 +56,18 @@ def print_summary(console: Console, config: RunConfig, dataset: DatasetVersion,
     entropy = dataset.manifest["stats"]["unigram_entropy_nats"]
     val_losses = [m["val_loss"] for m in read_metrics(result.run_dir / "metrics.jsonl")
                   if "val_loss" in m]
-    table = Table(title="Helox run: artifacts", show_header=False, title_justify="left")
-    table.add_row("dataset version", f"{dataset.version}  ({dataset.path})")
-    table.add_row("tokenizer", str(dataset.tokenizer_path))
-    table.add_row("run folder", str(result.run_dir))
-    table.add_row("checkpoints", "\n".join(str(p) for p in list_checkpoints(result.run_dir)))
-    table.add_row("metrics", str(result.run_dir / "metrics.jsonl"))
-    table.add_row("config, fingerprint", f"{result.run_dir / 'config.yaml'}, "
-                                         f"{result.run_dir / 'run.json'}")
+    rows = [
+        ("dataset version", f"{dataset.version}  {dataset.path}"),
+        ("tokenizer", str(dataset.tokenizer_path)),
+        ("run folder", str(result.run_dir)),
+        *(("checkpoint", str(p)) for p in list_checkpoints(result.run_dir)),
+        ("metrics", str(result.run_dir / "metrics.jsonl")),
+        ("config", str(result.run_dir / "config.yaml")),
+        ("fingerprint", str(result.run_dir / "run.json")),
+    ]
     if val_losses:
-        table.add_row("validation loss", f"{val_losses[-1]:.3f} nats/token (unigram entropy of "
-                                         f"the corpus: {entropy:.3f})")
-    console.print(table)
+        rows.append(("validation loss", f"{val_losses[-1]:.3f} nats/token (unigram entropy "
+                                        f"of the training tokens: {entropy:.3f})"))
+    console.rule("artifacts")
+    for label, value in rows:  # one line each, never wrapped, so paths can be copied
+        console.print(f"{label:<16} {value}", soft_wrap=True, markup=False, highlight=False)

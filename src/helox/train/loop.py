@@ -69,7 +69,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     step, loss, val_loss, saved = start_step, None, None, None
     console.print(f"training {model.num_params():,} parameters on {device} ({precision}), "
                   f"steps {start_step}→{last_step} of {tc.max_steps}, "
-                  f"{tokens_per_step:,} tokens per step, run folder {run_dir}")
+                  f"{tokens_per_step:,} tokens per step, run folder {run_dir}", soft_wrap=True)
     with StepProgress(console, tc.max_steps, start_step) as progress:
         while step < last_step:
             lr = lr_at(step, config.optim, tc.max_steps)
