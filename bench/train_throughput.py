@@ -21,7 +21,7 @@ per token) by the matmul ceiling of the same precision, measured in every round 
 (2048×384) by (1536×384)ᵀ.
 
 Run: .venv/bin/python bench/train_throughput.py [--compile] [--rounds 3] [--steps 30]
-(about 8 minutes on 2 cores without --compile; --compile adds two variants and their compile).
+(about 8 minutes on 2 cores; --compile adds two variants and their compilation, about 12 in all).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from torch import nn
 from helox.config import ModelConfig, OptimConfig
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
-from helox.train.loop import pick_precision, precision_context, train_step
+from helox.train.loop import make_loss_fn, pick_precision, train_step
 from helox.train.optim import build_optimizer
 
 DEVICE = torch.device("cpu")
@@ -104,12 +104,10 @@ def helox_variant(name: str, precision: str, init_state: dict, compile_model: bo
     model = Llama(SHAPE)
     model.load_state_dict(init_state)
     optimizer = build_optimizer(model, OPTIM)
-    forward = torch.compile(model) if compile_model else model
-    autocast = precision_context(DEVICE, precision)
+    loss_fn = make_loss_fn(model, DEVICE, precision, compile_model)
 
     def step(batch: Batch) -> float:
-        loss, _ = train_step(forward, model, optimizer, [batch], DEVICE, autocast,
-                             OPTIM.grad_clip_norm)
+        loss, _ = train_step(loss_fn, model, optimizer, [batch], OPTIM.grad_clip_norm)
         return loss
 
     return Variant(name, precision, step, compile_model)
@@ -278,8 +276,8 @@ def print_ratios(variants: list[Variant], default_precision: str) -> None:
     for v in variants:
         if v.first_step_s is not None:
             print(f"{v.name}: cold compile time was {v.first_step_s:.1f} s "
-                  f"(first step, fresh inductor cache unless TORCHINDUCTOR_CACHE_DIR was set; "
-                  f"not timed)")
+                  f"(its first step, not timed; the inductor cache was empty at the start of the "
+                  f"run unless TORCHINDUCTOR_CACHE_DIR was set)")
 
 
 def main() -> None:
@@ -288,8 +286,10 @@ def main() -> None:
         raise SystemExit("--steps, --rounds and --warmup must be at least 1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     default_precision = pick_precision("auto", DEVICE)
+    # Other processes make every number lower and noisier: show how busy the machine was.
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; {args.rounds} rounds × "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f} "
+          f"before the run; {args.rounds} rounds × "
           f"({args.warmup} warm-up + {args.steps} timed steps) per variant")
     flops = describe_models(default_precision)
     started = time.perf_counter()

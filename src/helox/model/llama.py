@@ -27,7 +27,16 @@ class RMSNorm(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even under autocast: the mean of squares loses precision in bf16.
         normed_BTD = F.rms_norm(x_BTD.float(), (x_BTD.shape[-1],), eps=self.eps)
-        return self.weight * normed_BTD.type_as(x_BTD)
+        # Return the dtype the next matmuls compute in, so autocast casts once, not per matmul.
+        return (self.weight * normed_BTD.type_as(x_BTD)).to(compute_dtype(x_BTD))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: the autocast dtype where autocast is on, else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +48,10 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
+    """Rotate in x's dtype (as transformers does): fp32 tables would promote bf16 activations."""
     x1, x2 = x_BHTE.chunk(2, dim=-1)
     rotated_BHTE = torch.cat([-x2, x1], dim=-1)
-    return (x_BHTE * cos_TE + rotated_BHTE * sin_TE).type_as(x_BHTE)
+    return x_BHTE * cos_TE.to(x_BHTE.dtype) + rotated_BHTE * sin_TE.to(x_BHTE.dtype)
 
 
 class Attention(nn.Module):

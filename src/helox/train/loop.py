@@ -5,11 +5,11 @@ Legend: B micro-batch size, T sequence length, V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +60,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     start_step = resume(run_dir, run_info, config, model, optimizer, loader, console)
     write_run_files(run_dir, config, run_info)
 
-    forward = torch.compile(model) if config.train.compile else model
-    autocast = precision_context(device, precision)
+    loss_fn = make_loss_fn(model, device, precision, config.train.compile)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     tc, grad_accum = config.train, config.train.grad_accum_steps
     tokens_per_step = grad_accum * tc.micro_batch_size * tc.seq_len
@@ -76,7 +75,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             set_lr(optimizer, lr)
             started = time.perf_counter()
             batches = [loader.next_batch() for _ in range(grad_accum)]
-            loss, grad_norm = train_step(forward, model, optimizer, batches, device, autocast,
+            loss, grad_norm = train_step(loss_fn, model, optimizer, batches,
                                          config.optim.grad_clip_norm)
             tokens_per_s = tokens_per_step / (time.perf_counter() - started)
             step += 1
@@ -85,8 +84,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                            "tokens_seen": step * tokens_per_step, "epoch": loader.epoch})
             step_val_loss = None
             if tc.eval_every_steps and (step % tc.eval_every_steps == 0 or step == tc.max_steps):
-                val_loss = step_val_loss = evaluate(forward, model, dataset, config, device,
-                                                    autocast)
+                val_loss = step_val_loss = evaluate(loss_fn, model, dataset, config)
                 metrics.write({"step": step, "val_loss": val_loss})
             if step % config.checkpoint.every_steps == 0 or step == last_step:
                 state = {"rng": rng_state(), "loader": loader.state_dict()}
@@ -98,9 +96,25 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     return TrainResult(run_dir, step, start_step or None, loss, val_loss, saved)
 
 
-def train_step(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-               autocast: contextlib.AbstractContextManager, clip_norm: float | None,
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(inputs_BT, targets_BT) -> summed next-token cross-entropy over the batch, a scalar."""
+
+
+def make_loss_fn(model: nn.Module, device: torch.device, precision: str, compile: bool) -> LossFn:
+    """Forward in the run's precision and fp32 cross-entropy, compiled together when asked:
+    the loss over (B*T, V) logits is memory-bound work the compiler fuses with the head."""
+
+    def loss_sum(inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits_BTV = model(inputs_BT.to(device))
+        return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(device).flatten(),
+                               reduction="sum")
+
+    return torch.compile(loss_sum) if compile else loss_sum
+
+
+def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
+               batches: list[tuple[torch.Tensor, torch.Tensor]], clip_norm: float | None,
                ) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns (mean loss per target token, grad norm).
 
@@ -108,15 +122,11 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Opti
     accumulation gives the same gradient as one big batch whatever the micro-batch split.
     """
     num_targets = sum(targets_BT.numel() for _, targets_BT in batches)
-    loss_total = torch.zeros((), device=device)
+    loss_total = None
     for inputs_BT, targets_BT in batches:
-        inputs_BT, targets_BT = inputs_BT.to(device), targets_BT.to(device)
-        with autocast:
-            logits_BTV = forward(inputs_BT)
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
-                               reduction="sum") / num_targets
+        loss = loss_fn(inputs_BT, targets_BT) / num_targets
         loss.backward()
-        loss_total += loss.detach()
+        loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
     if clip_norm is None:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -129,23 +139,20 @@ def train_step(forward: nn.Module, model: nn.Module, optimizer: torch.optim.Opti
 
 
 @torch.no_grad()
-def evaluate(forward: nn.Module, model: nn.Module, dataset: DatasetVersion, config: RunConfig,
-             device: torch.device, autocast: contextlib.AbstractContextManager) -> float:
+def evaluate(loss_fn: LossFn, model: nn.Module, dataset: DatasetVersion,
+             config: RunConfig) -> float:
     """Mean loss per token over the first train.eval_batches batches of the validation split."""
     tc = config.train
     loader = PackedLoader(dataset, "val", tc.seq_len, tc.micro_batch_size, tc.seed, shuffle=False)
     num_batches = min(tc.eval_batches, loader.num_blocks // tc.micro_batch_size)
     model.eval()
-    loss_sum, num_tokens = torch.zeros((), device=device), 0
+    loss_sum, num_tokens = 0.0, 0
     for _ in range(num_batches):
         inputs_BT, targets_BT = loader.next_batch()
-        with autocast:
-            logits_BTV = forward(inputs_BT.to(device))
-        loss_sum += F.cross_entropy(logits_BTV.float().flatten(0, 1),
-                                    targets_BT.to(device).flatten(), reduction="sum")
+        loss_sum += loss_fn(inputs_BT, targets_BT).item()
         num_tokens += targets_BT.numel()
     model.train()
-    return loss_sum.item() / num_tokens
+    return loss_sum / num_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,11 +197,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast keeps fp32 master weights and optimizer state; matmuls run in bf16."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def resume_key(config: RunConfig, dataset_version: str) -> str:
