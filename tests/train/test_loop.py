@@ -4,15 +4,17 @@ import json
 import shutil
 
 import pytest
+import torch
 from rich.console import Console
 
-from helox.config import load_config
+from helox.config import ModelConfig, load_config
 from helox.data.prepare import prepare_dataset
 from helox.errors import HeloxError
 from helox.observe.metrics import read_metrics
 from helox.testing.tiny import QUICKSTART, tiny_config
 from helox.train.checkpoint import list_checkpoints
-from helox.train.loop import train
+from helox.model.llama import Llama
+from helox.train.loop import make_loss_fn, train, train_step
 
 
 def run(config, dataset, run_dir, until_step=None, console=None):
@@ -125,3 +127,23 @@ def test_quickstart_recipe_loss_goes_down(tmp_path):
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
     val = [m["val_loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in m]
     assert val[-1] < dataset.manifest["stats"]["unigram_entropy_nats"]
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_seq_len=16)
+    tokens = torch.randint(0, 64, (8, 17))
+    big = [(tokens[:, :-1], tokens[:, 1:])]
+    split = [(tokens[i:i + 2, :-1], tokens[i:i + 2, 1:]) for i in range(0, 8, 2)]
+    results = []
+    for batches in (big, split):
+        torch.manual_seed(1)
+        model = Llama(cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # update = -(clipped) gradient
+        loss_fn = make_loss_fn(model, torch.device("cpu"), "fp32", compile=False)
+        loss, norm = train_step(loss_fn, model, optimizer, batches, clip_norm=0.5)
+        results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
+    (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
