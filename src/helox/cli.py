@@ -100,7 +100,7 @@ def generate(
     from helox.train.checkpoint import load_trained_model, newest_valid_checkpoint
 
     path = run_dir if (run_dir / "model.safetensors").is_file() else newest_valid_checkpoint(
-        run_dir, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+        run_dir, warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
     model, tokenizer, config = load_trained_model(path)
     stop_id = tokenizer.token_to_id(config.tokenizer.eos_token)
     text = complete(model, tokenizer, prompt, stop_id, max_new_tokens, temperature, top_k, seed)

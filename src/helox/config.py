@@ -165,8 +165,9 @@ class TrainConfig(StrictModel):
     where the device runs bf16 matmuls natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto takes CUDA when present."""
-    compile: bool = False
-    """Compile the model with torch.compile (first steps are slower while it compiles)."""
+    compile: bool = True
+    """Compile forward + loss with torch.compile: ~30 s once on 2 CPU cores (cached after),
+    then ~30% faster here (bench/); needs a C++ compiler on CPU. False runs eagerly."""
     deterministic: bool = False
     """Use torch's deterministic algorithms (needed for bit-identical CUDA runs)."""
     eval_every_steps: int = Field(default=100, ge=0)

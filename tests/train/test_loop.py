@@ -78,6 +78,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_dataset, workspac
     result = run(config, tiny_dataset, tmp_path / "run", console=console)
     assert result.resumed_from_step == 4
     assert "skipping checkpoint step-00000006: model.safetensors does not match" in console.export_text()
+    assert (tmp_path / "run" / "checkpoints" / "corrupt-step-00000006").is_dir()  # kept aside
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
@@ -88,6 +89,7 @@ def test_half_written_checkpoint_is_ignored(tiny_dataset, workspace, tmp_path):
     (tmp_path / "run" / "checkpoints" / ".tmp-step-00000006-1").mkdir()  # crash mid-save
     result = run(config, tiny_dataset, tmp_path / "run")
     assert result.resumed_from_step is None and result.step == 8
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000004"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
@@ -118,9 +120,22 @@ def test_run_folder_records_config_and_fingerprint(tiny_dataset, workspace, tmp_
 
 
 @pytest.mark.slow
+def test_compiled_run_resumes_bit_identically(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace, overrides=["train.compile=true", "train.max_steps=6"])
+    run(config, tiny_dataset, tmp_path / "straight")
+    run(config, tiny_dataset, tmp_path / "resumed", until_step=3)
+    run(config, tiny_dataset, tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    eager = tiny_config(workspace, overrides=["train.max_steps=6"])
+    run(eager, tiny_dataset, tmp_path / "eager")
+    assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
+
+
+@pytest.mark.slow
 def test_quickstart_recipe_loss_goes_down(tmp_path):
     config = load_config(QUICKSTART, [f"workspace={tmp_path}", "train.max_steps=40",
-                                      "optim.warmup_steps=10", "train.eval_every_steps=40"])
+                                      "optim.warmup_steps=10", "train.eval_every_steps=40",
+                                      "train.compile=false"])
     dataset = prepare_dataset(config)
     run(config, dataset, tmp_path / "run")
     curve = losses(tmp_path / "run")
@@ -140,7 +155,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         torch.manual_seed(1)
         model = Llama(cfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # update = -(clipped) gradient
-        loss_fn = make_loss_fn(model, torch.device("cpu"), "fp32", compile=False)
+        loss_fn = make_loss_fn(model, torch.device("cpu"), "fp32")
         loss, norm = train_step(loss_fn, model, optimizer, batches, clip_norm=0.5)
         results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results

@@ -27,16 +27,7 @@ class RMSNorm(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even under autocast: the mean of squares loses precision in bf16.
         normed_BTD = F.rms_norm(x_BTD.float(), (x_BTD.shape[-1],), eps=self.eps)
-        # Return the dtype the next matmuls compute in, so autocast casts once, not per matmul.
-        return (self.weight * normed_BTD.type_as(x_BTD)).to(compute_dtype(x_BTD))
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on `x` run in: the autocast dtype where autocast is on, else x's."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+        return self.weight * normed_BTD.type_as(x_BTD)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +133,5 @@ class Llama(nn.Module):
             x_BTD = block(x_BTD, cos_TE, sin_TE)
         return self.lm_head(self.norm(x_BTD))
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        total = sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
-        return total if include_embedding else total - self.embed.weight.numel()
-
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 per non-embedding parameter plus attention scores (PaLM)."""
-        attention = 12 * self.cfg.num_layers * self.cfg.d_model * seq_len
-        head = 6 * self.cfg.d_model * self.cfg.vocab_size
-        return 6 * self.num_params(include_embedding=False) + attention + (
-            head if self.cfg.tie_embeddings else 0)
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once

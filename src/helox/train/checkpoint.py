@@ -72,7 +72,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     for path in tmp.iterdir():
         fsync_path(path)
     fsync_path(tmp)
-    if final.exists():  # a stale or corrupt copy of this step from before a fall-back
+    if final.exists():  # the same step saved again after a fall-back to an older checkpoint
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_path(root)
@@ -107,11 +107,21 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def load_newest_valid(run_dir: Path, warn: Callable[[str], None]) -> Restored | None:
-    """Newest checkpoint whose checksums hold; each one skipped is reported through `warn`."""
+def load_newest_valid(run_dir: Path, warn: Callable[[str], None],
+                      quarantine: bool = False) -> Restored | None:
+    """Newest checkpoint whose checksums hold; each invalid one is reported through `warn`.
+
+    With `quarantine` (the trainer, which owns the folder) an invalid one is renamed
+    `corrupt-step-…`: kept for inspection, never counted by keep-last-K (which could otherwise
+    delete a good checkpoint and keep a bad one)."""
     for path in list_checkpoints(run_dir):
         problem = verify_checkpoint(path)
         if problem:
+            if quarantine:
+                quarantined = path.with_name(f"corrupt-{path.name}")
+                shutil.rmtree(quarantined, ignore_errors=True)
+                os.rename(path, quarantined)
+                problem += f"; moved to {quarantined}"
             warn(f"skipping checkpoint {path.name}: {problem}")
             continue
         state = torch.load(path / "state.pt", weights_only=True)
