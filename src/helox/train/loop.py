@@ -74,8 +74,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                   f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
                   soft_wrap=True)
     if tc.compile and step < last_step:
-        console.print("compiling the first step (about 30 s on 2 CPU cores the first time, a "
-                      "few seconds once cached; --set train.compile=false skips it)")
+        console.print("compiling the first step (~30 s on 2 CPU cores the first time, seconds "
+                      "once cached; --set train.compile=false skips it)", soft_wrap=True)
     with StepProgress(console, tc.max_steps, start_step) as progress:
         while step < last_step:
             lr = lr_at(step, config.optim, tc.max_steps)
