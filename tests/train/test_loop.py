@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from rich.console import Console
+from torch._dynamo.exc import TorchRuntimeError
 
 from helox.config import ModelConfig, load_config
 from helox.data.prepare import prepare_dataset
@@ -14,7 +15,7 @@ from helox.observe.metrics import read_metrics
 from helox.testing.tiny import QUICKSTART, tiny_config
 from helox.train.checkpoint import list_checkpoints
 from helox.model.llama import Llama
-from helox.train.loop import make_loss_fn, train, train_step
+from helox.train.loop import compiled, make_loss_fn, train, train_step
 
 
 def run(config, dataset, run_dir, until_step=None, console=None):
@@ -162,3 +163,17 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
     for a, b in zip(params_a, params_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiler_failure_says_how_to_run_without_it(monkeypatch):
+    def broken_compile(fn):
+        def call(*args):
+            raise TorchRuntimeError("C++ compiler not found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    loss_fn = compiled(lambda inputs, targets: inputs.sum())
+    with pytest.raises(HeloxError, match="torch.compile failed: TorchRuntimeError: C\\+\\+ "
+                                         "compiler not found") as exc_info:
+        loss_fn(torch.ones(1), torch.ones(1))
+    assert "train.compile=false" in exc_info.value.hint
