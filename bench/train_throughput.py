@@ -44,6 +44,7 @@ from torch import nn
 from helox.config import ModelConfig, OptimConfig, TrainConfig
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
+from helox.repro import seed_everything
 from helox.train.loop import compiled, make_loss_fn, pick_precision, train_step
 from helox.train.optim import build_optimizer
 
@@ -286,6 +287,8 @@ def main() -> None:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 1:
         raise SystemExit("--steps, --rounds and --warmup must be at least 1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # Deterministic kernels, as helox.train.loop uses on CPU (it changes compiled code only).
+    seed_everything(SEED, deterministic=DEVICE.type == "cpu")
     default_precision = pick_precision("auto", DEVICE)
     # Other processes make every number lower and noisier: show how busy the machine was.
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

@@ -169,7 +169,8 @@ class TrainConfig(StrictModel):
     """Compile forward + loss with torch.compile: ~30 s once on 2 CPU cores (cached after),
     then ~30% faster here (bench/); needs a C++ compiler on CPU. False runs eagerly."""
     deterministic: bool = False
-    """Use torch's deterministic algorithms (needed for bit-identical CUDA runs)."""
+    """Use torch's deterministic algorithms on CUDA too (slower there; needed for bit-identical
+    CUDA runs). CPU runs always use them: they cost little there."""
     eval_every_steps: int = Field(default=100, ge=0)
     """Validation loss every this many steps (and at the end); 0 disables it."""
     eval_batches: int = Field(default=8, gt=0)

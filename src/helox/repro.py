@@ -19,13 +19,18 @@ FINGERPRINT_LIBRARIES = ("torch", "numpy", "tokenizers", "safetensors", "pydanti
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device); optionally force deterministic
-    kernels (CUDA needs CUBLAS_WORKSPACE_CONFIG for that, set here if absent)."""
+    kernels (CUDA needs CUBLAS_WORKSPACE_CONFIG for that, set here if absent).
+
+    Deterministic mode also makes torch.compile pick deterministic lowerings (e.g. the embedding
+    gradient's scatter-add, which inductor otherwise runs with parallel atomic adds)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds all CUDA devices
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Filling every new tensor with NaN only helps find reads of uninitialised memory.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
 
