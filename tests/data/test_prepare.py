@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 
-from helox.config import SourceConfig
 from helox.data.prepare import prepare_dataset
 from helox.data.shards import DatasetVersion
 from helox.data.sources import read_documents
