@@ -12,6 +12,7 @@ demo: $(VENV)/.installed
 	$(BIN)/helox run recipes/quickstart.yaml
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-test

@@ -240,7 +240,8 @@ class RunConfig(StrictModel):
 
 
 def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def sha256_json(obj: Any) -> str:
 
 
 def load_config(recipe: Path | str, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML recipe, apply `a.b.c=value` overrides, validate; raise ConfigError listing all."""
+    """Read a YAML recipe, apply `a.b.c=value` overrides, validate; ConfigError lists all."""
     recipe = Path(recipe)
     raw = _read_yaml(recipe)
     problems = []
@@ -292,7 +293,7 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 
 def read_saved_config(path: Path) -> RunConfig:
-    """A config saved by `save_config` in a run folder or checkpoint; its input files may be gone."""
+    """A config saved by `save_config` in a run folder or checkpoint (inputs may be gone)."""
     raw = _read_yaml(Path(path))
     try:
         return RunConfig.model_validate(raw, context={"check_files": False})
@@ -313,7 +314,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def apply_override(raw: dict, override: str) -> tuple[str, str] | None:
-    """Set `a.b.0.c=value` in the raw recipe dict (value parsed as YAML); return a problem or None."""
+    """Set `a.b.0.c=value` in the raw recipe (value parsed as YAML); return a problem or None."""
     dotted, sep, text = override.partition("=")
     if not sep or not dotted:
         return (override, "an override must look like section.key=value")

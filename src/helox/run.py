@@ -1,4 +1,4 @@
-"""`helox run`: the main job on one recipe: data → tokenizer → shards → train → samples → summary."""
+"""`helox run`, the main job on one recipe: data → tokenizer → shards → train → samples."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ def prepare_with_progress(config: RunConfig, console: Console) -> DatasetVersion
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("reading sources")
-        dataset = prepare_dataset(
-            config, lambda stage, done: progress.update(task, description=f"{stage}: {done:,} docs"))
+        def report(stage: str, done: int) -> None:
+            progress.update(task, description=f"{stage}: {done:,} docs")
+
+        dataset = prepare_dataset(config, report)
     split = dataset.split("train")
     console.print(f"dataset {dataset.version}: {split['num_tokens']:,} training tokens in "
                   f"{len(split['shards'])} shard(s), {dataset.path}", soft_wrap=True)

@@ -52,5 +52,8 @@ def test_greedy_generation_is_deterministic_and_stops_at_stop_id():
 
 def test_sampling_respects_top_k_and_seed():
     model = tiny_model()
-    gen = lambda seed: generate(model, [5], 10, 1.0, 1, generator=torch.Generator().manual_seed(seed))
+
+    def gen(seed):
+        return generate(model, [5], 10, 1.0, 1, generator=torch.Generator().manual_seed(seed))
+
     assert gen(0) == gen(1) == generate(model, [5], 10, 0, None)  # top-1 sampling is greedy

@@ -23,6 +23,10 @@ def run(config, dataset, run_dir, until_step=None, console=None):
                  console=console or Console(quiet=True))
 
 
+def names(run_dir):
+    return [p.name for p in list_checkpoints(run_dir)]
+
+
 def losses(run_dir):
     return [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
 
@@ -78,7 +82,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_dataset, workspac
     console = Console(record=True, width=200)
     result = run(config, tiny_dataset, tmp_path / "run", console=console)
     assert result.resumed_from_step == 4
-    assert "skipping checkpoint step-00000006: model.safetensors does not match" in console.export_text()
+    warning = "skipping checkpoint step-00000006: model.safetensors does not match"
+    assert warning in console.export_text()
     assert (tmp_path / "run" / "checkpoints" / "corrupt-step-00000006").is_dir()  # kept aside
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
@@ -90,7 +95,7 @@ def test_half_written_checkpoint_is_ignored(tiny_dataset, workspace, tmp_path):
     (tmp_path / "run" / "checkpoints" / ".tmp-step-00000006-1").mkdir()  # crash mid-save
     result = run(config, tiny_dataset, tmp_path / "run")
     assert result.resumed_from_step is None and result.step == 8
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000004"]
+    assert names(tmp_path / "run") == ["step-00000008", "step-00000004"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
 
 
@@ -104,9 +109,10 @@ def test_resume_with_a_different_config_is_refused(tiny_dataset, workspace, tmp_
 
 
 def test_keep_last_prunes_old_checkpoints(tiny_dataset, workspace, tmp_path):
-    config = tiny_config(workspace, overrides=["checkpoint.every_steps=1", "checkpoint.keep_last=2"])
+    config = tiny_config(workspace, overrides=["checkpoint.every_steps=1",
+                                               "checkpoint.keep_last=2"])
     run(config, tiny_dataset, tmp_path / "run")
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000008", "step-00000007"]
+    assert names(tmp_path / "run") == ["step-00000008", "step-00000007"]
 
 
 def test_run_folder_records_config_and_fingerprint(tiny_dataset, workspace, tmp_path):
@@ -141,7 +147,8 @@ def test_quickstart_recipe_loss_goes_down(tmp_path):
     run(config, dataset, tmp_path / "run")
     curve = losses(tmp_path / "run")
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
-    val = [m["val_loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in m]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    val = [m["val_loss"] for m in records if "val_loss" in m]
     assert val[-1] < dataset.manifest["stats"]["unigram_entropy_nats"]
 
 

@@ -2,7 +2,7 @@
 
 A dataset version is a folder `<workspace>/datasets/<version>/` holding
   tokenizer.json                  the tokenizer the shards were made with
-  <split>-<5 digits>.bin          raw little-endian token ids (uint16, or uint32 for big vocabularies),
+  <split>-<5 digits>.bin          little-endian token ids (uint16; uint32 for big vocabularies),
                                   every document followed by the end-of-document token
   manifest.json                   per shard: file, sha256, tokens, documents, per-domain counts
   lineage.json                    how it was built (sources and their hashes, config); not hashed

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from helox.errors import HeloxError
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, eos_token: str) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
+              eos_token: str) -> Tokenizer:
     """Train a GPT-2-style byte-level BPE: every byte is in the alphabet, so nothing is unknown."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

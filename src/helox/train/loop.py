@@ -58,7 +58,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     loader = PackedLoader(dataset, "train", config.train.seq_len, config.train.micro_batch_size,
                           config.train.seed)
     run_info = {**run_fingerprint(config.sha256(), dataset.version),
-                "resume_key": resume_key(config, dataset.version), "dataset_path": str(dataset.path),
+                "resume_key": resume_key(config, dataset.version),
+                "dataset_path": str(dataset.path),
                 "precision": precision, "device": str(device)}
     start_step = resume(run_dir, run_info, config, model, optimizer, loader, console)
     write_run_files(run_dir, config, run_info)
