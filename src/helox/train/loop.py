@@ -71,13 +71,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     tokens_per_step = grad_accum * tc.micro_batch_size * tc.seq_len
     last_step = min(tc.max_steps, until_step or tc.max_steps)
     step, loss, val_loss, saved = start_step, None, None, None
-    console.print(f"training {model.num_params():,} parameters on {device} ({precision}"
-                  f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
-                  f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
-                  soft_wrap=True)
-    if tc.compile and step < last_step:
-        console.print("compiling the first step (~30 s on 2 CPU cores the first time, seconds "
-                      "once cached; --set train.compile=false skips it)", soft_wrap=True)
+    announce(console, model, device, precision, config, start_step, last_step, run_dir)
     with StepProgress(console, tc.max_steps, start_step) as progress:
         while step < last_step:
             lr = lr_at(step, config.optim, tc.max_steps)
@@ -103,6 +97,23 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             progress.update(step, loss, tokens_per_s, step_val_loss)
     metrics.close()
     return TrainResult(run_dir, step, start_step or None, loss, val_loss, saved)
+
+
+def announce(console: Console, model: Llama, device: torch.device, precision: str,
+             config: RunConfig, start_step: int, last_step: int, run_dir: Path) -> None:
+    tc = config.train
+    if start_step >= last_step:
+        console.print(f"nothing to train: {run_dir} is at step {start_step} (stopping at "
+                      f"{last_step}; train.max_steps={tc.max_steps})", soft_wrap=True)
+        return
+    tokens_per_step = tc.grad_accum_steps * tc.micro_batch_size * tc.seq_len
+    console.print(f"training {model.num_params():,} parameters on {device} ({precision}"
+                  f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
+                  f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
+                  soft_wrap=True)
+    if tc.compile:
+        console.print("compiling the first step (~30 s on 2 CPU cores the first time, seconds "
+                      "once cached; --set train.compile=false skips it)", soft_wrap=True)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
