@@ -64,14 +64,15 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     start_step = resume(run_dir, run_info, config, model, optimizer, loader, console)
     write_run_files(run_dir, config, run_info)
 
-    loss_fn = make_loss_fn(model, device, precision)
-    train_loss_fn = compiled(loss_fn) if config.train.compile else loss_fn
+    loss_fn = make_loss_fn(model, device, precision)  # eval stays eager: a second, no-grad
+    train_loss_fn = compiled(loss_fn) if config.train.compile else loss_fn  # graph costs a compile
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     tc, grad_accum = config.train, config.train.grad_accum_steps
     tokens_per_step = grad_accum * tc.micro_batch_size * tc.seq_len
     last_step = min(tc.max_steps, until_step or tc.max_steps)
     step, loss, val_loss, saved = start_step, None, None, None
-    announce(console, model, device, precision, config, start_step, last_step, run_dir)
+    announce(console, model, device, precision, config, start_step, last_step, tokens_per_step,
+             run_dir)
     with StepProgress(console, tc.max_steps, start_step) as progress:
         while step < last_step:
             lr = lr_at(step, config.optim, tc.max_steps)
@@ -100,13 +101,13 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
 
 
 def announce(console: Console, model: Llama, device: torch.device, precision: str,
-             config: RunConfig, start_step: int, last_step: int, run_dir: Path) -> None:
+             config: RunConfig, start_step: int, last_step: int, tokens_per_step: int,
+             run_dir: Path) -> None:
     tc = config.train
     if start_step >= last_step:
         console.print(f"nothing to train: {run_dir} is at step {start_step} (stopping at "
                       f"{last_step}; train.max_steps={tc.max_steps})", soft_wrap=True)
         return
-    tokens_per_step = tc.grad_accum_steps * tc.micro_batch_size * tc.seq_len
     console.print(f"training {model.num_params():,} parameters on {device} ({precision}"
                   f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
                   f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
