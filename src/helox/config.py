@@ -10,17 +10,23 @@ current directory, where the user wants the outputs.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from pydantic import model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from helox.configbase import StrictModel, resolve_input_path
+from helox.data.contamination import ContaminationConfig
+from helox.data.domains import DomainTagConfig
+from helox.data.sources import SourceConfig
 from helox.errors import HeloxError
+
+__all__ = ["ConfigError", "StrictModel", "SourceConfig", "RunConfig", "load_config"]
 
 
 class ConfigError(HeloxError):
@@ -38,49 +44,40 @@ class ConfigError(HeloxError):
         self.problems = problems
 
 
-class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, field docstrings are the docs."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True,
-                              use_attribute_docstrings=True)
-
-
-def _resolve_input_path(value: Path | None, info: ValidationInfo) -> Path | None:
-    """Resolve against the recipe folder (passed as validation context) and require existence."""
-    if value is None:
-        return None
-    context = info.context or {}
-    path = value.expanduser()
-    if not path.is_absolute() and context.get("base_dir") is not None:
-        path = Path(context["base_dir"]) / path
-    path = path.resolve()
-    if context.get("check_files", True) and not path.is_file():
-        raise ValueError(f"file not found: {path}")
-    return path
-
-
-class SourceConfig(StrictModel):
-    path: Path
-    """Input file: .txt (one document per file) or .jsonl, optionally .gz or .xz compressed."""
-    format: Literal["auto", "txt", "jsonl"] = "auto"
-    """File format; `auto` decides from the file name."""
-    domain: str | None = None
-    """Domain for documents that carry none (always used for .txt)."""
-    text_field: str = "text"
-    """JSONL key that holds the document text."""
-    max_documents: int | None = Field(default=None, gt=0)
-    """Read at most this many documents from this source (for smoke runs); None reads all."""
-
-    _check_path = field_validator("path")(_resolve_input_path)
+PipelineStepConfig = Annotated[
+    Union[ContaminationConfig, DomainTagConfig],
+    Field(discriminator="step"),
+]
+"""One entry of `data.pipeline`; its `step` key picks the kind."""
 
 
 class DataConfig(StrictModel):
-    train: list[SourceConfig] = Field(min_length=1)
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9._-]+$")
+    """Dataset name: versions built under one name form its history and share its access list."""
+    version: str | None = None
+    """Use this existing dataset version (or a unique prefix) instead of building from sources."""
+    train: list[SourceConfig] = []
     """Sources of training documents."""
     val: list[SourceConfig] = []
     """Sources of held-out validation documents (needed when train.eval_every_steps > 0)."""
+    pipeline: list[PipelineStepConfig] = []
+    """Cleaning steps applied in order to every split (normalize, quality, pii, secrets,
+    exact_dedup, near_dedup, semantic_dedup, contamination, domain_tag)."""
+    min_trust: float = Field(default=0.0, ge=0, le=1)
+    """Sources whose `trust` is below this are excluded from the build (and reported)."""
+    as_of: dt.date | None = None
+    """The date source expiry is judged on; None means today (set it for reproducible builds)."""
+    num_workers: int = Field(default=1, ge=1)
+    """Processes that run the per-document steps (the dataset is identical for any number)."""
     shard_size_tokens: int = Field(default=1 << 22, gt=0)
     """Target number of tokens per binary shard file."""
+
+    @model_validator(mode="after")
+    def _sources_or_version(self) -> DataConfig:
+        if not self.train and self.version is None:
+            raise ValueError("give training sources in data.train, or an existing dataset "
+                             "version in data.version")
+        return self
 
 
 class TokenizerConfig(StrictModel):
@@ -93,7 +90,7 @@ class TokenizerConfig(StrictModel):
     eos_token: str = "<|endoftext|>"
     """End-of-document token, appended after every document when packing."""
 
-    _check_path = field_validator("path")(_resolve_input_path)
+    _check_path = field_validator("path")(resolve_input_path)
 
 
 class ModelConfig(StrictModel):
@@ -219,6 +216,9 @@ class RunConfig(StrictModel):
     """Run name; the default run folder is <workspace>/runs/<name>."""
     workspace: Path = Path("workspace")
     """Folder for datasets and runs (relative to the current directory)."""
+    principal: str | None = None
+    """Who runs this (for dataset access control and the audit log); None takes the
+    HELOX_PRINCIPAL environment variable, else the login name."""
     data: DataConfig
     """Where the documents come from and how shards are cut."""
     tokenizer: TokenizerConfig = TokenizerConfig()

@@ -1,47 +1,73 @@
-"""`helox data prepare`: sources → tokenizer → token shards → an immutable dataset version.
+"""`helox data prepare`: sources → cleaning pipeline → tokenizer → token shards → a version.
 
-Preparing is cached by its inputs (data and tokenizer config plus the sha256 of every source
-file), so `helox run` after `helox data prepare` reuses the version instead of rebuilding it.
+Per split: the sources still allowed (trust and expiry, judged on `data.as_of`) are read, the
+`data.pipeline` steps clean them, the kept documents go to a scratch JSONL file; the tokenizer is
+trained on (or loaded for) the cleaned training text; the documents are encoded into shards.
+Next to the manifest the version keeps `report.json` (every step's counts), `removed.jsonl`
+(every removed document with step and reason) and `lineage.json`.
+
+Preparing is cached by its inputs (config, the sha256 of every input file and the data code),
+so `helox run` after `helox data prepare` reuses the version instead of rebuilding it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import hashlib
+import itertools
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from tokenizers import Tokenizer
 
-from helox.config import RunConfig, SourceConfig, sha256_json
+from helox.config import RunConfig, sha256_json
+from helox.data import versions
+from helox.data.pipeline import StepStats, run_pipeline
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, version_id
-from helox.fileio import fsync_path, sha256_file
-from helox.data.sources import Document, read_documents
+from helox.data.sources import SourceConfig, read_documents, source_files
 from helox.data.tokenizer import eos_id, load_tokenizer, train_bpe
+from helox.errors import HeloxError
+from helox.fileio import fsync_path, sha256_file
 
 ENCODE_BATCH_DOCUMENTS = 512
+SPLITS = ("train", "val")
 
 Progress = Callable[[str, int], None]
 """Called with (stage, documents done so far); lets the CLI draw a progress bar."""
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The sources a build may use, and the ones provenance rules excluded (with why)."""
+
+    sources: dict[str, list[SourceConfig]]
+    excluded: list[dict]
+
+
 def datasets_dir(config: RunConfig) -> Path:
-    return config.workspace / "datasets"
+    return versions.datasets_root(config.workspace)
 
 
 def prepare_dataset(config: RunConfig, progress: Progress | None = None) -> DatasetVersion:
-    """Build (or find the cached) dataset version for the recipe's data and tokenizer config."""
+    """Build (or find the cached, or the pinned) dataset version for the recipe."""
     root = datasets_dir(config)
-    inputs_key = _inputs_key(config)
+    if config.data.version is not None:
+        return versions.open_usable(root, config.data.version)
+    selection = select_sources(config)
+    inputs_key = _inputs_key(config, selection)
     cached = _cached_version(root, inputs_key)
     if cached is not None:
         return cached
     root.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
-        dataset = _build(config, tmp_dir, progress or (lambda stage, done: None))
+        dataset = _build(config, selection, tmp_dir, progress or (lambda stage, done: None))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     (root / ".by-inputs").mkdir(exist_ok=True)
@@ -49,81 +75,186 @@ def prepare_dataset(config: RunConfig, progress: Progress | None = None) -> Data
     return dataset
 
 
-def _build(config: RunConfig, tmp_dir: Path, progress: Progress) -> DatasetVersion:
-    tokenizer = _get_tokenizer(config, progress)
+def select_sources(config: RunConfig) -> Selection:
+    today = config.data.as_of or dt.date.today()
+    sources: dict[str, list[SourceConfig]] = {}
+    excluded = []
+    for split in SPLITS:
+        sources[split] = []
+        for index, source in enumerate(getattr(config.data, split)):
+            reason = source.exclusion(config.data.min_trust, today)
+            if reason is None:
+                sources[split].append(source)
+            else:
+                excluded.append({"split": split, "path": str(source.path), "reason": reason,
+                                 "config_path": f"data.{split}.{index}"})
+    if not sources["train"]:
+        reasons = "; ".join(f"{e['path']}: {e['reason']}" for e in excluded)
+        raise HeloxError(f"every training source is excluded by provenance rules ({reasons})",
+                         hint="refresh the sources (retrieved_on), raise their trust, or "
+                              "lower data.min_trust")
+    return Selection(sources, excluded)
+
+
+def _build(config: RunConfig, selection: Selection, tmp_dir: Path,
+           progress: Progress) -> DatasetVersion:
+    statistics, cleaned = {}, {}
+    with (tmp_dir / "removed.jsonl").open("w") as removed:
+        for split, sources in selection.sources.items():
+            if sources:
+                cleaned[split] = tmp_dir / f".clean-{split}.jsonl"
+                statistics[split] = _clean_split(config, split, sources, cleaned[split],
+                                                 removed, progress)
+    _require_documents(statistics["train"])
+    tokenizer = _get_tokenizer(config, cleaned["train"], progress)
     tokenizer.save(str(tmp_dir / "tokenizer.json"))
+    manifest = _write_shards(config, tokenizer, cleaned, tmp_dir, progress)
+    for path in cleaned.values():
+        path.unlink()
+    version = version_id(manifest)
+    root = datasets_dir(config)
+    report = {"version": version, "splits": statistics, "excluded_sources": selection.excluded}
+    _write_json(tmp_dir / "manifest.json", manifest)
+    _write_json(tmp_dir / "report.json", report)
+    _write_json(tmp_dir / "lineage.json", _lineage(config, selection, statistics, root, version))
+    dataset = _publish(tmp_dir, root, version)
+    if versions.head(root, config.data.name) != version:
+        versions.set_head(root, config.data.name, version)
+    return dataset
+
+
+def _clean_split(config: RunConfig, split: str, sources: list[SourceConfig], out_path: Path,
+                 removed, progress: Progress) -> list[dict]:
+    """Read and clean one split into `out_path`; return the read + step statistics."""
+    read_stats = StepStats("read")
+    docs = itertools.chain.from_iterable(read_documents(s, read_stats) for s in sources)
+    stream, step_stats = run_pipeline(docs, config.data.pipeline, config.data.num_workers,
+                                      lambda done: progress(f"cleaning {split}", done))
+    with out_path.open("w") as out:
+        for doc in stream:
+            out.write(json.dumps({"id": doc.id, "text": doc.text, "domain": doc.domain}) + "\n")
+    for stats in (read_stats, *step_stats):
+        for removal in stats.removals:
+            removed.write(json.dumps({"split": split, **dataclasses.asdict(removal)}) + "\n")
+    return [stats.summary() for stats in (read_stats, *step_stats)]
+
+
+def _require_documents(train_statistics: list[dict]) -> None:
+    if train_statistics[-1]["docs_out"] > 0:
+        return
+    table = "; ".join(f"{s['step']}: {s['docs_in']} in, {s['docs_out']} kept" +
+                      (f" (dropped {s['dropped']})" if s["dropped"] else "")
+                      for s in train_statistics)
+    raise HeloxError(f"no training document is left after reading and cleaning ({table})",
+                     hint="check the source paths and formats, or loosen the pipeline's "
+                          "thresholds for the step that removed everything")
+
+
+def _cleaned_documents(path: Path) -> Iterator[dict]:
+    with path.open() as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _get_tokenizer(config: RunConfig, train_path: Path, progress: Progress) -> Tokenizer:
+    if config.tokenizer.path is not None:
+        return load_tokenizer(config.tokenizer.path)
+    texts = (d["text"] for d in _counting(_cleaned_documents(train_path), progress,
+                                          "training BPE"))
+    return train_bpe(texts, config.tokenizer.vocab_size, config.tokenizer.min_frequency,
+                     config.tokenizer.eos_token)
+
+
+def _write_shards(config: RunConfig, tokenizer: Tokenizer, cleaned: dict[str, Path],
+                  tmp_dir: Path, progress: Progress) -> dict:
     eos = eos_id(tokenizer, config.tokenizer.eos_token, config.tokenizer.path or "trained BPE")
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     splits, writers = {}, {}
-    for split, sources in (("train", config.data.train), ("val", config.data.val)):
-        if not sources:
-            continue
+    for split, path in cleaned.items():
         writer = ShardWriter(tmp_dir, split, vocab_size, config.data.shard_size_tokens)
-        for done, batch in enumerate(_batches(_documents(sources), ENCODE_BATCH_DOCUMENTS)):
-            for doc, encoding in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
-                writer.add(encoding.ids + [eos], doc.domain)
+        for done, batch in enumerate(_batches(_cleaned_documents(path), ENCODE_BATCH_DOCUMENTS)):
+            for doc, encoding in zip(batch, tokenizer.encode_batch([d["text"] for d in batch])):
+                writer.add(encoding.ids + [eos], doc["domain"])
             progress(f"tokenizing {split}", (done + 1) * ENCODE_BATCH_DOCUMENTS)
         writer.flush()
         splits[split], writers[split] = writer.summary(), writer
     tokenizer_info = {"sha256": sha256_file(tmp_dir / "tokenizer.json"), "vocab_size": vocab_size,
                       "eos_token": config.tokenizer.eos_token, "eos_id": eos}
-    manifest = build_manifest(tokenizer_info, writers["train"].dtype, splits,
-                              writers["train"].token_counts)
-    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    (tmp_dir / "lineage.json").write_text(json.dumps(_lineage(config), indent=1))
-    return _publish(tmp_dir, datasets_dir(config) / version_id(manifest))
+    return build_manifest(tokenizer_info, writers["train"].dtype, splits,
+                          writers["train"].token_counts)
 
 
-def _get_tokenizer(config: RunConfig, progress: Progress) -> Tokenizer:
-    if config.tokenizer.path is not None:
-        return load_tokenizer(config.tokenizer.path)
-    texts = _counting((d.text for d in _documents(config.data.train)), progress, "training BPE")
-    return train_bpe(texts, config.tokenizer.vocab_size, config.tokenizer.min_frequency,
-                     config.tokenizer.eos_token)
-
-
-def _publish(tmp_dir: Path, final_dir: Path) -> DatasetVersion:
-    """Move the finished folder to its content address; an identical version may already exist."""
+def _publish(tmp_dir: Path, root: Path, version: str) -> DatasetVersion:
+    """Move the finished folder to its content address; an identical version may exist."""
+    final_dir = root / version
     for path in tmp_dir.iterdir():
         fsync_path(path)
+    versions.retire_quarantined(root, version)
     if final_dir.exists():
         return DatasetVersion(final_dir)
     os.rename(tmp_dir, final_dir)
-    fsync_path(final_dir.parent)
+    fsync_path(root)
     return DatasetVersion(final_dir)
 
 
-
-def _documents(sources: list[SourceConfig]) -> Iterator[Document]:
-    for source in sources:
-        yield from read_documents(source)
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    batch = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+def _batches(docs: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    while batch := list(itertools.islice(docs, size)):
         yield batch
 
 
-def _counting(texts: Iterator[str], progress: Progress, stage: str) -> Iterator[str]:
-    for done, text in enumerate(texts, start=1):
+def _counting(docs: Iterator[dict], progress: Progress, stage: str) -> Iterator[dict]:
+    for done, doc in enumerate(docs, start=1):
         if done % ENCODE_BATCH_DOCUMENTS == 0:
             progress(stage, done)
-        yield text
+        yield doc
 
 
-def _inputs_key(config: RunConfig) -> str:
-    sources = [*config.data.train, *config.data.val]
-    files = [sha256_file(s.path) for s in sources]
+def _input_files(config: RunConfig, selection: Selection) -> list[Path]:
+    """Every file whose bytes decide the dataset: sources, tokenizer, eval sets of steps."""
+    files = [f for split in SPLITS for s in selection.sources[split] for f in source_files(s)]
     if config.tokenizer.path is not None:
-        files.append(sha256_file(config.tokenizer.path))
-    return sha256_json({"data": config.data.model_dump(mode="json"),
-                        "tokenizer": config.tokenizer.model_dump(mode="json"), "files": files})
+        files.append(config.tokenizer.path)
+    for step in config.data.pipeline:
+        files.extend(f for p in _paths_in(step.model_dump()) for f in _files_of(p))
+    return files
+
+
+def _paths_in(value: Any) -> Iterator[Path]:
+    if isinstance(value, Path):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _paths_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _paths_in(item)
+
+
+def _files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def _data_code_sha256() -> str:
+    """A change to the data code (a filter fixed, say) must not reuse an old cached build."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _inputs_key(config: RunConfig, selection: Selection) -> str:
+    # Worker count and the judging date do not change the output; the selection they lead to
+    # (which sources survived) is part of the key instead.
+    data = config.data.model_dump(mode="json", exclude={"num_workers", "as_of"})
+    return sha256_json({"data": data, "tokenizer": config.tokenizer.model_dump(mode="json"),
+                        "selected": {k: [str(s.path) for s in v]
+                                     for k, v in selection.sources.items()},
+                        "files": [sha256_file(f) for f in _input_files(config, selection)],
+                        "code": _data_code_sha256()})
 
 
 def _cached_version(root: Path, inputs_key: str) -> DatasetVersion | None:
@@ -131,14 +262,28 @@ def _cached_version(root: Path, inputs_key: str) -> DatasetVersion | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
-    return DatasetVersion(path) if (path / "manifest.json").is_file() else None
+    if not (path / "manifest.json").is_file() or versions.quarantine_record(path) is not None:
+        return None
+    return DatasetVersion(path)
 
 
-def _lineage(config: RunConfig) -> dict:
-    def describe(sources: list[SourceConfig]) -> list[dict]:
-        return [{"path": str(s.path), "sha256": sha256_file(s.path)} for s in sources]
+def _lineage(config: RunConfig, selection: Selection, statistics: dict, root: Path,
+             version: str) -> dict:
+    def describe(source: SourceConfig) -> dict:
+        files = [{"path": str(f), "sha256": sha256_file(f)} for f in source_files(source)]
+        return {**source.model_dump(mode="json", include={"path", "format", "domain", "trust",
+                                                          "retrieved_on", "ttl_days",
+                                                          "expires_on"}), "files": files}
 
-    return {"parents": [], "sources": {"train": describe(config.data.train),
-                                       "val": describe(config.data.val)},
+    parent = versions.head(root, config.data.name)
+    return {"name": config.data.name,
+            "parents": [parent] if parent and parent != version else [],
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "as_of": (config.data.as_of or dt.date.today()).isoformat(),
+            "sources": {split: [describe(s) for s in sources]
+                        for split, sources in selection.sources.items()},
+            "excluded_sources": selection.excluded,
+            "pipeline": [step.model_dump(mode="json") for step in config.data.pipeline],
+            "statistics": statistics,
             "data_config": config.data.model_dump(mode="json"),
             "tokenizer_config": config.tokenizer.model_dump(mode="json")}

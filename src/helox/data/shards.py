@@ -120,6 +120,20 @@ class DatasetVersion:
         self.version = version_id(self.manifest)
 
     @property
+    def lineage(self) -> dict:
+        """Name, parents, sources, pipeline config and step statistics (lineage.json)."""
+        return _read_json_or_empty(self.path / "lineage.json")
+
+    @property
+    def report(self) -> dict:
+        """What each pipeline step kept and removed, per split (report.json)."""
+        return _read_json_or_empty(self.path / "report.json")
+
+    @property
+    def name(self) -> str:
+        return self.lineage.get("name", "default")
+
+    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.manifest["dtype"])
 
@@ -158,6 +172,10 @@ class DatasetVersion:
                 if not path.is_file() or sha256_file(path) != shard["sha256"]:
                     bad.append(shard["file"])
         return bad
+
+
+def _read_json_or_empty(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def build_manifest(tokenizer_info: dict, dtype: np.dtype, splits: dict[str, dict],
