@@ -49,19 +49,172 @@ def run(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None) -> No
     run_recipe(config, run_dir or default_run_dir(config), console)
 
 
+WorkspaceOpt = Annotated[Path, typer.Option(
+    "--workspace", "-w", help="Workspace folder holding datasets/ and runs/.")]
+VersionArg = Annotated[str, typer.Argument(help="Dataset version id (or a unique prefix).")]
+
+
 @data_app.command("prepare")
-def data_prepare(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Tokenize the recipe's sources into shards and print the dataset version.
+def data_prepare(recipe: RecipeArg, set_: SetOpt = None,
+                 workers: Annotated[Optional[int], typer.Option(
+                     min=1, help="Processes for the per-document steps (data.num_workers); "
+                                 "the dataset is the same for any number.")] = None) -> None:
+    """Read, clean (data.pipeline), tokenize and shard the recipe's sources; print the report
+    and the dataset version.
 
     Trains the BPE tokenizer unless tokenizer.path names one. Prepared versions are cached by
     their inputs, so running it twice builds once.
 
-    Example: helox data prepare recipes/quickstart.yaml --set tokenizer.vocab_size=8192
+    Example: helox data prepare recipes/quickstart.yaml --workers 2
     """
+    from helox.data.report import print_report
     from helox.run import prepare_with_progress
 
-    dataset = prepare_with_progress(_load(recipe, set_), console)
+    overrides = (set_ or []) + ([f"data.num_workers={workers}"] if workers else [])
+    dataset = prepare_with_progress(_load(recipe, overrides), console)
+    print_report(console, dataset)
     print(dataset.version)
+
+
+@data_app.command("log")
+def data_log(workspace: WorkspaceOpt = Path("workspace"),
+             name: Annotated[Optional[str], typer.Option(
+                 help="Only versions of this dataset name.")] = None) -> None:
+    """List the dataset versions of a workspace, newest first, with parents and state.
+
+    Example: helox data log --workspace workspace
+    """
+    from helox.data import versions
+    from helox.data.report import log_table
+
+    root = versions.datasets_root(workspace)
+    found = [d for d in versions.all_versions(root) if name is None or d.name == name]
+    heads = {d.name: versions.head(root, d.name) for d in found}
+    console.print(log_table(found, heads))
+
+
+@data_app.command("show")
+def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
+    """Print a version's lineage (parents, sources, pipeline) and its step statistics.
+
+    Example: helox data show 17ea0dcd
+    """
+    from helox.data import versions
+    from helox.data.report import print_show
+
+    print_show(console, versions.resolve(versions.datasets_root(workspace), version))
+
+
+@data_app.command("verify")
+def data_verify(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
+    """Re-checksum every shard of a version; quarantine corrupted ones and say how to roll back.
+
+    Exits 1 when a file is corrupted. Example: helox data verify 17ea0dcd
+    """
+    from helox.data import versions
+
+    root = versions.datasets_root(workspace)
+    dataset = versions.resolve(root, version)
+    bad = dataset.verify()
+    if not bad:
+        console.print(f"dataset {dataset.version}: every shard and the tokenizer match the "
+                      "manifest")
+        return
+    report = versions.quarantine(root, dataset, bad)
+    raise HeloxError(f"dataset {dataset.version}: {len(bad)} corrupted file(s): "
+                     f"{', '.join(bad)}; moved to {report.moved_to} (quarantined)",
+                     hint=versions.rollback_hint({"parent": report.parent}))
+
+
+NameArg = Annotated[str, typer.Argument(help="Dataset name (data.name in the recipe).")]
+PrincipalArg = Annotated[str, typer.Argument(help="Principal (user or service); '*' is everyone.")]
+ReadOpt = Annotated[bool, typer.Option("--read", help="The read permission.")]
+WriteOpt = Annotated[bool, typer.Option("--write", help="The write permission.")]
+
+
+def _permissions(read: bool, write: bool) -> list[str]:
+    if not (read or write):
+        raise HeloxError("no permission given", hint="add --read, --write or both")
+    return [p for p, on in (("read", read), ("write", write)) if on]
+
+
+def _print_acl(name: str, acl) -> None:
+    grants = ", ".join(f"{p}: {'+'.join(perms)}" for p, perms in sorted(acl.grants.items()))
+    console.print(f"{name}: owner {acl.owner}; grants: {grants or 'none'}", markup=False)
+
+
+@data_app.command("grant")
+def data_grant(name: NameArg, principal: PrincipalArg, read: ReadOpt = False,
+               write: WriteOpt = False, workspace: WorkspaceOpt = Path("workspace")) -> None:
+    """Give a principal read and/or write access to a dataset name (owner only; audited).
+
+    You act as HELOX_PRINCIPAL (else your login name).
+    Example: helox data grant quickstart bob --read
+    """
+    from helox.data import access
+
+    by = access.resolve_principal(None)
+    _print_acl(name, access.grant(access.governance_dir(workspace), name, principal,
+                                  _permissions(read, write), by))
+
+
+@data_app.command("revoke")
+def data_revoke(name: NameArg, principal: PrincipalArg, read: ReadOpt = False,
+                write: WriteOpt = False, workspace: WorkspaceOpt = Path("workspace")) -> None:
+    """Take read and/or write access away from a principal (owner only; audited).
+
+    Example: helox data revoke quickstart bob --read --write
+    """
+    from helox.data import access
+
+    by = access.resolve_principal(None)
+    _print_acl(name, access.revoke(access.governance_dir(workspace), name, principal,
+                                   _permissions(read, write), by))
+
+
+@data_app.command("transfer")
+def data_transfer(name: NameArg, new_owner: Annotated[str, typer.Argument(
+                      help="The principal who becomes the owner.")],
+                  workspace: WorkspaceOpt = Path("workspace")) -> None:
+    """Hand a dataset name to a new owner (owner only; you keep no access unless granted).
+
+    Example: helox data transfer quickstart carol
+    """
+    from helox.data import access
+
+    by = access.resolve_principal(None)
+    _print_acl(name, access.transfer_owner(access.governance_dir(workspace), name, new_owner,
+                                           by))
+
+
+@data_app.command("audit")
+def data_audit(workspace: WorkspaceOpt = Path("workspace"),
+               verify: Annotated[bool, typer.Option(
+                   "--verify", help="Check the hash chain, its anchor and the access list; "
+                                    "exit 1 on any edited, deleted or reordered entry.")] = False,
+               dataset: Annotated[Optional[str], typer.Option(help="Only this dataset name.")
+                                  ] = None,
+               principal: Annotated[Optional[str], typer.Option(
+                   help="Only entries by or about this principal.")] = None) -> None:
+    """Print the audit log of dataset access (reads, writes, grants, denials) or verify it.
+
+    Example: helox data audit --verify
+    """
+    from helox.data import access
+
+    log = access.AuditLog(access.governance_dir(workspace))
+    if verify:
+        report = log.verify()
+        if not report.ok:
+            raise HeloxError(f"the audit log {log.path} was tampered with or damaged:\n{report}",
+                             hint="restore governance/ from a backup; the lines above say "
+                                  "which entries differ")
+        console.print(f"audit log intact: {report.num_entries} entries, chain and anchor match")
+        return
+    for entry in log.entries(dataset=dataset, principal=principal):
+        details = " ".join(f"{k}={v}" for k, v in sorted(entry["details"].items()))
+        print(f"{entry['seq']:>6} {entry['time'][:19]} {entry['principal']:<16} "
+              f"{entry['action']:<8} {entry['dataset']} {entry['version'] or '-'} {details}")
 
 
 @app.command("train")
@@ -78,7 +231,7 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
     from helox.train.loop import train
 
     config = _load(recipe, set_)
-    dataset = prepare_with_progress(config, console)
+    dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
     console.print(f"step {result.step}: checkpoint {result.checkpoint}")
 

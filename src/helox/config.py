@@ -314,7 +314,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def apply_override(raw: dict, override: str) -> tuple[str, str] | None:
-    """Set `a.b.0.c=value` in the raw recipe (value parsed as YAML); return a problem or None."""
+    """Set `a.b.0.c=value` in the raw recipe (value parsed as YAML); return a problem or None.
+
+    A list index one past the end appends (`data.pipeline.3={step: ...}`)."""
     dotted, sep, text = override.partition("=")
     if not sep or not dotted:
         return (override, "an override must look like section.key=value")
@@ -335,9 +337,13 @@ def apply_override(raw: dict, override: str) -> tuple[str, str] | None:
         node = child
     last = keys[-1]
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            return (dotted, "no such list item to override")
-        node[int(last)] = value
+        if not last.isdigit() or int(last) > len(node):
+            return (dotted, f"no such list item to override (the list has {len(node)}; "
+                            f"index {len(node)} appends)")
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
@@ -355,38 +361,64 @@ def _child(node: Any, key: str) -> Any:
 
 def _describe(err: dict) -> tuple[str, str]:
     """Turn one pydantic error into (dotted path, message with the offending value)."""
-    loc = [str(part) for part in err["loc"]]
+    loc, model = _walk([str(part) for part in err["loc"]])
     path = ".".join(loc) or "<recipe>"
     kind, message = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return (path, _unknown_key_message(loc))
+        return (path, _unknown_key_message(loc[-1], model))
     if kind == "missing":
         return (path, "required key is missing")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = ", ".join(_tag(m) for m in _models_of(PipelineStepConfig))
+        got = err["input"].get("step") if isinstance(err["input"], dict) else err["input"]
+        return (path, f"unknown step {got!r}; valid steps: {tags}" if got is not None
+                else f"each pipeline entry needs a `step` key, one of: {tags}")
     if kind not in ("value_error", "assertion_error") and "input" in err:
         message += f" (got {err['input']!r})"
     return (path, message)
 
 
-def _unknown_key_message(loc: list[str]) -> str:
-    model: type[BaseModel] | None = RunConfig
-    for part in loc[:-1]:
-        if part.isdigit() or model is None:
+def _walk(loc: list[str]) -> tuple[list[str], type[BaseModel] | None]:
+    """Follow an error location through the config models.
+
+    Returns the location as the user writes it (pydantic inserts the tag of a discriminated
+    union, e.g. `data.pipeline.0.domain_tag.rules`; the user wrote `data.pipeline.0.rules`)
+    and the model that holds its last key.
+    """
+    candidates: list[type[BaseModel]] = [RunConfig]
+    path, holder = [], None
+    for part in loc:
+        by_tag = {_tag(m): m for m in candidates if _tag(m) is not None}
+        if part in by_tag and len(candidates) > 1:
+            candidates = [by_tag[part]]
             continue
-        field = model.model_fields.get(part)
-        model = _model_of(field.annotation) if field else None
+        path.append(part)
+        if part.isdigit():
+            continue
+        holder = candidates[0] if len(candidates) == 1 else None
+        field = holder.model_fields.get(part) if holder else None
+        candidates = _models_of(field.annotation) if field else []
+    return path, holder
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("step")
+    return field.default if field is not None and isinstance(field.default, str) else None
+
+
+def _unknown_key_message(key: str, model: type[BaseModel] | None) -> str:
     if model is None:
         return "unknown key"
     valid = sorted(model.model_fields)
-    close = difflib.get_close_matches(loc[-1], valid, n=1)
+    close = difflib.get_close_matches(key, valid, n=1)
     guess = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown key{guess} (valid keys: {', '.join(valid)})"
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
+    found = []
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found:
-            return found
-    return None
+        found.extend(m for m in _models_of(arg) if m not in found)
+    return found

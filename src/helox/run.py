@@ -20,14 +20,15 @@ def default_run_dir(config: RunConfig) -> Path:
     return config.workspace / "runs" / config.name
 
 
-def prepare_with_progress(config: RunConfig, console: Console) -> DatasetVersion:
+def prepare_with_progress(config: RunConfig, console: Console,
+                          purpose: str = "prepare") -> DatasetVersion:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("reading sources")
         def report(stage: str, done: int) -> None:
             progress.update(task, description=f"{stage}: {done:,} docs")
 
-        dataset = prepare_dataset(config, report)
+        dataset = prepare_dataset(config, report, purpose)
     split = dataset.split("train")
     console.print(f"dataset {dataset.version}: {split['num_tokens']:,} training tokens in "
                   f"{len(split['shards'])} shard(s), {dataset.path}", soft_wrap=True)
@@ -35,7 +36,7 @@ def prepare_with_progress(config: RunConfig, console: Console) -> DatasetVersion
 
 
 def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> None:
-    dataset = prepare_with_progress(config, console)
+    dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir, dataset, console=console)
     samples = sample_texts(result, config)
     print_summary(console, config, dataset, result, samples)

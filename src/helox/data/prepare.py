@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 from tokenizers import Tokenizer
 
 from helox.config import RunConfig, sha256_json
-from helox.data import versions
+from helox.data import access, versions
 from helox.data.pipeline import StepStats, run_pipeline
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, version_id
 from helox.data.sources import SourceConfig, read_documents, source_files
@@ -54,25 +54,52 @@ def datasets_dir(config: RunConfig) -> Path:
     return versions.datasets_root(config.workspace)
 
 
-def prepare_dataset(config: RunConfig, progress: Progress | None = None) -> DatasetVersion:
-    """Build (or find the cached, or the pinned) dataset version for the recipe."""
-    root = datasets_dir(config)
+def prepare_dataset(config: RunConfig, progress: Progress | None = None,
+                    purpose: str = "prepare") -> DatasetVersion:
+    """Build (or find the cached, or the pinned) dataset version for the recipe.
+
+    The principal must be allowed to write the dataset's name to build it and to read it to
+    get it back; both are recorded in the audit log (`purpose` says what the read is for).
+    """
+    root, principal = datasets_dir(config), access.resolve_principal(config.principal)
+    gov = access.governance_dir(config.workspace)
     if config.data.version is not None:
-        return versions.open_usable(root, config.data.version)
+        dataset = versions.open_usable(root, config.data.version)
+    else:
+        dataset = _cached_or_built(config, root, gov, principal, progress)
+    if dataset.name not in access.list_acl(gov):
+        # Built before access control existed: its first user becomes the owner.
+        access.authorize_write(gov, dataset.name, dataset.version, principal)
+    access.authorize_read(gov, dataset.name, dataset.version, principal, purpose)
+    return dataset
+
+
+def _cached_or_built(config: RunConfig, root: Path, gov: Path, principal: str,
+                     progress: Progress | None) -> DatasetVersion:
     selection = select_sources(config)
     inputs_key = _inputs_key(config, selection)
     cached = _cached_version(root, inputs_key)
     if cached is not None:
         return cached
+    _check_may_write(gov, config.data.name, principal)
     root.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
-        dataset = _build(config, selection, tmp_dir, progress or (lambda stage, done: None))
+        dataset = _build(config, selection, tmp_dir, progress or (lambda stage, done: None),
+                         lambda version: access.authorize_write(gov, config.data.name, version,
+                                                                principal))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     (root / ".by-inputs").mkdir(exist_ok=True)
     (root / ".by-inputs" / inputs_key).write_text(dataset.version)
     return dataset
+
+
+def _check_may_write(gov: Path, name: str, principal: str) -> None:
+    """Refuse before hours of cleaning, not after; the audited write happens at publish time."""
+    acl = access.list_acl(gov).get(name)
+    if acl is not None and "write" not in acl.permissions_of(principal):
+        access.authorize_write(gov, name, None, principal)  # records the denial and raises
 
 
 def select_sources(config: RunConfig) -> Selection:
@@ -96,8 +123,8 @@ def select_sources(config: RunConfig) -> Selection:
     return Selection(sources, excluded)
 
 
-def _build(config: RunConfig, selection: Selection, tmp_dir: Path,
-           progress: Progress) -> DatasetVersion:
+def _build(config: RunConfig, selection: Selection, tmp_dir: Path, progress: Progress,
+           authorize_write: Callable[[str], None]) -> DatasetVersion:
     statistics, cleaned = {}, {}
     with (tmp_dir / "removed.jsonl").open("w") as removed:
         for split, sources in selection.sources.items():
@@ -117,6 +144,7 @@ def _build(config: RunConfig, selection: Selection, tmp_dir: Path,
     _write_json(tmp_dir / "manifest.json", manifest)
     _write_json(tmp_dir / "report.json", report)
     _write_json(tmp_dir / "lineage.json", _lineage(config, selection, statistics, root, version))
+    authorize_write(version)
     dataset = _publish(tmp_dir, root, version)
     if versions.head(root, config.data.name) != version:
         versions.set_head(root, config.data.name, version)
@@ -277,8 +305,9 @@ def _lineage(config: RunConfig, selection: Selection, statistics: dict, root: Pa
 
     parent = versions.head(root, config.data.name)
     return {"name": config.data.name,
+            "principal": access.resolve_principal(config.principal),
             "parents": [parent] if parent and parent != version else [],
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"),
             "as_of": (config.data.as_of or dt.date.today()).isoformat(),
             "sources": {split: [describe(s) for s in sources]
                         for split, sources in selection.sources.items()},
