@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from helox.configbase import StrictModel, resolve_input_path
 from helox.data.contamination import ContaminationConfig
+from helox.data.dedup import ExactDedupConfig, NearDedupConfig, SemanticDedupConfig
 from helox.data.domains import DomainTagConfig
 from helox.data.filters import NormalizeConfig, QualityConfig
 from helox.data.safety import PiiConfig, SecretsConfig
@@ -47,8 +48,8 @@ class ConfigError(HeloxError):
 
 
 PipelineStepConfig = Annotated[
-    Union[NormalizeConfig, QualityConfig, PiiConfig, SecretsConfig, ContaminationConfig,
-          DomainTagConfig],
+    Union[NormalizeConfig, QualityConfig, PiiConfig, SecretsConfig, ExactDedupConfig,
+          NearDedupConfig, SemanticDedupConfig, ContaminationConfig, DomainTagConfig],
     Field(discriminator="step"),
 ]
 """One entry of `data.pipeline`; its `step` key picks the kind."""
