@@ -20,6 +20,7 @@ from torch import nn
 from helox.config import RunConfig, read_saved_config, save_config, sha256_json
 from helox.data.loader import PackedLoader
 from helox.data.shards import DatasetVersion
+from helox.hardware import cpu_has_native_bf16
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
@@ -229,15 +230,6 @@ def pick_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 (see PERF.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resume_key(config: RunConfig, dataset_version: str) -> str:
