@@ -13,8 +13,10 @@ What is measured, in one process, the variants interleaved over `--rounds` (medi
   non-empty query drops: the usual way). Both start from the same shingle strings
   (`helox.data.dedup.word_shingles`) and the timings include shingling. Recall is over the
   planted pairs with true J >= 0.8; a false drop is one whose best candidate has true J < 0.8.
-- per step: docs/s of any list of step configs through `run_pipeline` (`time_steps`); add a
-  config to `step_configs()` to benchmark another step.
+- per step: docs/s of every step but semantic_dedup, chained as in the quickstart recipe
+  through `run_pipeline` (`time_steps`), each step's own time (upstream excluded).
+- whole pipeline (the same steps) wall clock with num_workers 1 and 2: the target is
+  >= 1,000 docs/s on 2 cores.
 - semantic_dedup on the first `--semantic-docs` documents only (MiniLM on this CPU embeds tens
   of documents per second; the comparison against kept documents is a numpy matmul).
 
@@ -27,17 +29,24 @@ docstrings are short) to measure throughput at a realistic size.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from random import Random
 
 from datasketch import MinHash, MinHashLSH
 
 from helox.data.dedup import (ExactDedupConfig, NearDedupConfig, SemanticDedupConfig,
                               word_shingles)
+from helox.data.contamination import ContaminationConfig
 from helox.data.document import Document
+from helox.data.domains import DomainTagConfig
+from helox.data.filters import NormalizeConfig, QualityConfig
 from helox.data.pipeline import StepConfig, StepStats, run_pipeline
+from helox.data.safety import PiiConfig, SecretsConfig
 from helox.testing.near_dups import (PlantedCorpus, chunk_documents, load_documents,
                                      planted_corpus, text_jaccard)
 from helox.testing.tiny import CORPUS
@@ -60,9 +69,29 @@ def build_corpus(args: argparse.Namespace) -> PlantedCorpus:
     return planted_corpus(base, Random(args.seed), num_near=args.num_near, num_far=args.num_far)
 
 
-def step_configs() -> list[StepConfig]:
-    """The steps timed one by one in the per-step table (semantic_dedup runs on a subset)."""
-    return [ExactDedupConfig(), NearDedupConfig()]
+def step_configs(eval_path: Path) -> list[StepConfig]:
+    """Every step but semantic_dedup, in the order of recipes/quickstart.yaml, with the
+    thresholds used there (semantic_dedup runs on a subset)."""
+    return [NormalizeConfig(), QualityConfig(min_words=20, min_alpha_word_fraction=0.7),
+            PiiConfig(), SecretsConfig(),
+            ContaminationConfig(eval_sets=[{"name": "bench_eval", "path": eval_path}]),
+            ExactDedupConfig(), NearDedupConfig(),
+            DomainTagConfig(rules=[{"domain": "code", "patterns": [r">>> ", r"\bdef \w+\("]}])]
+
+
+def write_eval_set(docs: list[Document], folder: Path, rng: Random) -> Path:
+    """An eval set of 200 corpus chunks, so that contamination has something to find."""
+    path = folder / "eval.jsonl"
+    path.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in rng.sample(docs, 200)))
+    return path
+
+
+def print_whole_pipeline(configs: list[StepConfig], docs: list[Document], rounds: int) -> None:
+    print(f"\n## whole pipeline without semantic_dedup ({len(docs):,} docs, wall clock, "
+          f"median of {rounds} rounds)")
+    for workers in (1, 2):
+        seconds = statistics.median(time_steps(configs, docs, workers)[2] for _ in range(rounds))
+        print(f"num_workers={workers}: {seconds:.2f} s, {len(docs) / seconds:,.0f} docs/s")
 
 
 def time_steps(configs: list[StepConfig], docs: list[Document], num_workers: int = 1
@@ -174,7 +203,11 @@ def main() -> None:
           % (near.threshold, near.min_recall, near.num_perm, near.bands_rows()))
     if not args.skip_datasketch:
         compare_near(corpus, args.rounds)
-    print_step_table("per step", step_configs(), corpus.docs, args.rounds)
+    with tempfile.TemporaryDirectory() as folder:
+        configs = step_configs(write_eval_set(corpus.docs, Path(folder), Random(args.seed)))
+        print_step_table("per step (one process; seconds exclude upstream steps)", configs,
+                         corpus.docs, args.rounds)
+        print_whole_pipeline(configs, corpus.docs, args.rounds)
     if args.semantic_docs:
         subset = corpus.docs[:args.semantic_docs]
         time_steps([SemanticDedupConfig()], subset[:8])  # loads the model outside the timing

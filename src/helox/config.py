@@ -66,7 +66,8 @@ class DataConfig(StrictModel):
     """Sources of held-out validation documents (needed when train.eval_every_steps > 0)."""
     pipeline: list[PipelineStepConfig] = []
     """Cleaning steps applied in order to every split (normalize, quality, pii, secrets,
-    exact_dedup, near_dedup, semantic_dedup, contamination, domain_tag)."""
+    exact_dedup, near_dedup, semantic_dedup, domain_tag) and to the train split only
+    (contamination)."""
     min_trust: float = Field(default=0.0, ge=0, le=1)
     """Sources whose `trust` is below this are excluded from the build (and reported)."""
     as_of: dt.date | None = None

@@ -438,3 +438,11 @@ def test_ngram_rules_match_datatrove_functions_on_heavy_repetition():
         assert (got or (None,))[0] == expected, (trial, tokens)
         checked[expected] += 1
     assert len(checked) == 10  # every rule was the first to fail, and some texts passed all
+
+
+def test_token_codes_past_the_surrogate_range_still_count():
+    """Token codes are chr(token index): after 55,296 distinct tokens they reach U+D800."""
+    from helox.data.filters import _repeated_2grams
+
+    codes = "\ud800\ud801\ud800\ud801x"
+    assert _repeated_2grams(codes) == _repeated_2grams("abab" + "x")

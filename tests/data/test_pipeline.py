@@ -99,3 +99,49 @@ def test_step_seconds_exclude_upstream_time():
     stats = [StepStats("slow"), StepStats("fast")]
     assert len(list(run_steps(docs(10), [Slow(), Fast()], stats))) == 10
     assert stats[0].seconds >= 0.09 and stats[1].seconds < 0.02
+
+
+def test_a_corpus_step_after_a_slow_document_step_is_not_charged_for_it():
+    import time
+
+    class Slow:
+        name, scope = "slow", "document"
+
+        def run(self, docs, stats):
+            for doc in docs:
+                time.sleep(0.01)
+                yield doc
+
+    class Collect:
+        name, scope = "collect", "corpus"
+
+        def run(self, docs, stats):
+            yield from list(docs)
+
+    class Config:
+        def __init__(self, step):
+            self.step, self.scope, self._step = step.name, step.scope, step
+
+        def build(self):
+            return self._step
+
+    stream, stats = run_pipeline(docs(10), [Config(Slow()), Config(Collect())])
+    assert len(list(stream)) == 10
+    assert stats[0].seconds >= 0.09 and stats[1].seconds < 0.02
+
+
+def test_workers_with_a_corpus_step_between_document_steps(eval_file):
+    """Two document segments share one pool around a corpus step (a feeder-thread design
+    deadlocks here)."""
+    from helox.data.dedup import ExactDedupConfig
+
+    corpus = docs(600, plant_every=7)
+    corpus += [Document(id=f"copy{i}", text=corpus[i].text.upper(), domain="default",
+                        source="mem") for i in range(0, 600, 50)]
+    contamination, domain_tag = configs(eval_file)
+    steps = [contamination, ExactDedupConfig(), domain_tag]
+    one, _ = run_pipeline(corpus, steps)
+    two, stats = run_pipeline(corpus, steps, num_workers=2)
+    assert list(one) == list(two)
+    # 12 copies; the 2 of contaminated documents are already gone when exact dedup sees them
+    assert stats[1].dropped == {"exact_duplicate": 10}

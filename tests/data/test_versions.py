@@ -29,6 +29,8 @@ def test_report_removed_list_and_lineage_are_written(tmp_path):
     dataset = prepare_dataset(config)
     train_steps = dataset.report["splits"]["train"]
     assert [s["step"] for s in train_steps] == ["read", "domain_tag", "contamination"]
+    val_steps = dataset.report["splits"]["val"]  # contamination checks training data only
+    assert [s["step"] for s in val_steps] == ["read", "domain_tag"]
     assert train_steps[0]["docs_out"] == 60 and train_steps[2]["dropped"] == {
         "contaminated_heldout": 1}
     removed = [json.loads(line) for line in (dataset.path / "removed.jsonl").open()]

@@ -40,6 +40,7 @@ class EvalSetConfig(StrictModel):
 class ContaminationConfig(StrictModel):
     step: Literal["contamination"] = "contamination"
     scope: ClassVar[str] = "document"
+    train_only: ClassVar[bool] = True  # it checks training data; an eval split may be an eval set
     eval_sets: list[EvalSetConfig] = Field(min_length=1)
     """The eval sets no training document may overlap with."""
     ngram_words: int = Field(default=13, ge=3)

@@ -468,7 +468,9 @@ def _repeated_2grams(codes: str) -> tuple[list[int], int, int]:
     """
     if len(codes) < 2:
         return [], 0, 0
-    tokens = np.frombuffer(codes.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    # surrogatepass: codes are chr(token index), and indexes 55,296+ fall in U+D800..U+DFFF.
+    raw = codes.encode("utf-32-le", "surrogatepass")
+    tokens = np.frombuffer(raw, dtype=np.uint32).astype(np.uint64)
     keys = (tokens[:-1] << np.uint64(32)) | tokens[1:]
     order = keys.argsort(kind="stable")
     sorted_keys = keys[order]

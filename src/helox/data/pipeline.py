@@ -9,13 +9,15 @@ and is built from its typed config by `config.build()`. A step calls `stats.drop
 for every document it does not yield and `stats.change(reason, n)` when it edits text; the
 runner counts documents in and out, times each step, and checks that in = out + dropped.
 
-With `num_workers > 1`, each maximal run of document steps runs in a process pool over batches
-of documents (`imap`, so the order and therefore the dataset version do not depend on the number
-of workers); corpus steps run in this process over the merged, ordered stream.
+With `num_workers > 1`, each maximal run of document steps runs in one process pool (started
+once per pipeline) over batches of documents (`imap`, so the order and therefore the dataset
+version do not depend on the number of workers); corpus steps run in this process over the
+merged, ordered stream.
 """
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import time
 from collections import Counter
@@ -97,33 +99,49 @@ def run_steps(docs: Iterable[Document], steps: list[Step],
               stats: list[StepStats]) -> Iterator[Document]:
     """Chain `steps` in this process; `stats[i]` receives step i's counts and self time."""
     stream: Iterable[Document] = docs
-    inclusive = [0.0] * len(steps)
-    for i, step in enumerate(steps):
-        stream = _timed(step.run(_counted_in(stream, stats[i]), stats[i]), stats[i],
-                        inclusive, i)
+    clocks = [_Clock() for _ in steps]
+    for step, step_stats, clock in zip(steps, stats, clocks):
+        stream = _timed(step.run(_counted_in(stream, step_stats, clock), step_stats),
+                        step_stats, clock)
     yield from stream
-    for i, step_stats in enumerate(stats):
-        # A step's own time is its inclusive time minus the time spent pulling from upstream.
-        step_stats.seconds += inclusive[i] - (inclusive[i - 1] if i else 0.0)
+    for step_stats, clock in zip(stats, clocks):
+        step_stats.seconds += clock.inclusive - clock.upstream
         step_stats.check_balance()
 
 
-def _counted_in(docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
-    for doc in docs:
+@dataclass
+class _Clock:
+    """A step's own time is the time inside its next() minus the time it spends pulling from
+    upstream, whatever the upstream is (another step, a worker pool, a reader)."""
+
+    inclusive: float = 0.0
+    upstream: float = 0.0
+
+
+def _counted_in(docs: Iterable[Document], stats: StepStats, clock: _Clock
+                ) -> Iterator[Document]:
+    iterator = iter(docs)
+    while True:
+        start = time.perf_counter()
+        try:
+            doc = next(iterator)
+        except StopIteration:
+            clock.upstream += time.perf_counter() - start
+            return
+        clock.upstream += time.perf_counter() - start
         stats.docs_in += 1
         yield doc
 
 
-def _timed(docs: Iterator[Document], stats: StepStats, inclusive: list[float],
-           index: int) -> Iterator[Document]:
+def _timed(docs: Iterator[Document], stats: StepStats, clock: _Clock) -> Iterator[Document]:
     while True:
         start = time.perf_counter()
         try:
             doc = next(docs)
         except StopIteration:
-            inclusive[index] += time.perf_counter() - start
+            clock.inclusive += time.perf_counter() - start
             return
-        inclusive[index] += time.perf_counter() - start
+        clock.inclusive += time.perf_counter() - start
         stats.docs_out += 1
         yield doc
 
@@ -138,17 +156,41 @@ def run_pipeline(docs: Iterable[Document], configs: list[StepConfig], num_worker
     """
     stats = [StepStats(_step_name(c)) for c in configs]
     stream: Iterable[Document] = _reporting(docs, on_document) if on_document else docs
-    start = 0
-    for end in range(len(configs) + 1):
-        if end < len(configs) and _scope(configs[end]) == "document":
-            continue
-        if start < end:  # a run of document steps [start, end)
-            stream = _document_segment(stream, configs[start:end], stats[start:end],
-                                       num_workers)
-        if end < len(configs):
-            stream = run_steps(stream, [configs[end].build()], [stats[end]])
-        start = end + 1
-    return iter(stream), stats
+    return _stream(stream, configs, stats, num_workers), stats
+
+
+def _stream(docs: Iterable[Document], configs: list[StepConfig], stats: list[StepStats],
+            num_workers: int) -> Iterator[Document]:
+    """Chain the segments; one process pool (started once) serves every document segment."""
+    segments = _segments(configs)
+    parallel = num_workers > 1 and any(scope == "document" for _, _, scope in segments)
+    pool = multiprocessing.get_context("spawn").Pool(
+        num_workers, initializer=_init_worker, initargs=(configs,)) if parallel else None
+    try:
+        stream: Iterable[Document] = docs
+        for start, end, scope in segments:
+            if pool is not None and scope == "document":
+                stream = _pooled(pool, stream, start, end, stats[start:end],
+                                 window=2 * num_workers + 1)
+            else:
+                stream = run_steps(stream, [c.build() for c in configs[start:end]],
+                                   stats[start:end])
+        yield from stream
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _segments(configs: list[StepConfig]) -> list[tuple[int, int, str]]:
+    """Maximal runs of document steps, and each corpus step on its own: (start, end, scope)."""
+    segments: list[tuple[int, int, str]] = []
+    for i, config in enumerate(configs):
+        scope = _scope(config)
+        if scope == "document" and segments and segments[-1][2] == "document":
+            segments[-1] = (segments[-1][0], i + 1, scope)
+        else:
+            segments.append((i, i + 1, scope))
+    return segments
 
 
 def _step_name(config: StepConfig) -> str:
@@ -167,29 +209,42 @@ def _reporting(docs: Iterable[Document], on_document: Callable[[int], None]
         yield doc
 
 
-def _document_segment(docs: Iterable[Document], configs: list[StepConfig],
-                      stats: list[StepStats], num_workers: int) -> Iterator[Document]:
-    if num_workers <= 1:
-        yield from run_steps(docs, [c.build() for c in configs], stats)
-        return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(configs,)) as pool:
-        for kept, batch_stats in pool.imap(_run_batch, _batches(docs, WORKER_BATCH_DOCUMENTS)):
-            for total, part in zip(stats, batch_stats):
-                total.merge(part)
-            yield from kept
+def _pooled(pool, docs: Iterable[Document], start: int, end: int, stats: list[StepStats],
+            window: int) -> Iterator[Document]:
+    """Batches to the pool, results back in order. Submitting from this (the consuming) thread,
+    not through `imap`'s feeder thread, lets two segments share the pool: a feeder blocked on
+    the upstream segment's results would starve that segment of workers."""
+    pending: collections.deque = collections.deque()
+    for batch in _batches(docs, WORKER_BATCH_DOCUMENTS):
+        pending.append(pool.apply_async(_run_batch, ((start, end, batch),)))
+        if len(pending) >= window:
+            yield from _collect(pending.popleft().get(), stats)
+    while pending:
+        yield from _collect(pending.popleft().get(), stats)
 
 
-_worker_steps: list[Step] = []
+def _collect(result: tuple[list[Document], list[StepStats]],
+             stats: list[StepStats]) -> list[Document]:
+    kept, batch_stats = result
+    for total, part in zip(stats, batch_stats):
+        total.merge(part)
+    return kept
+
+
+_worker_steps: dict[int, Step] = {}
 
 
 def _init_worker(configs: list[StepConfig]) -> None:
-    _worker_steps[:] = [c.build() for c in configs]
+    _worker_steps.clear()
+    _worker_steps.update({i: c.build() for i, c in enumerate(configs)
+                          if _scope(c) == "document"})
 
 
-def _run_batch(batch: list[Document]) -> tuple[list[Document], list[StepStats]]:
-    stats = [StepStats(step.name) for step in _worker_steps]
-    return list(run_steps(batch, _worker_steps, stats)), stats
+def _run_batch(task: tuple[int, int, list[Document]]) -> tuple[list[Document], list[StepStats]]:
+    start, end, batch = task
+    steps = [_worker_steps[i] for i in range(start, end)]
+    stats = [StepStats(step.name) for step in steps]
+    return list(run_steps(batch, steps, stats)), stats
 
 
 def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:

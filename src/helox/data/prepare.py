@@ -156,7 +156,9 @@ def _clean_split(config: RunConfig, split: str, sources: list[SourceConfig], out
     """Read and clean one split into `out_path`; return the read + step statistics."""
     read_stats = StepStats("read")
     docs = itertools.chain.from_iterable(read_documents(s, read_stats) for s in sources)
-    stream, step_stats = run_pipeline(docs, config.data.pipeline, config.data.num_workers,
+    steps = [s for s in config.data.pipeline
+             if split == "train" or not getattr(s, "train_only", False)]
+    stream, step_stats = run_pipeline(docs, steps, config.data.num_workers,
                                       lambda done: progress(f"cleaning {split}", done))
     with out_path.open("w") as out:
         for doc in stream:
