@@ -80,8 +80,9 @@ class Contamination:
             ngrams = word_ngrams(doc.text, n)
             hits = {name: len(ngrams & evals) for name, evals in self.eval_ngrams.items()}
             hits = {name: count for name, count in hits.items() if count >= needed}
-            for name, count in hits.items():
-                stats.change(f"contaminated_{name}")
+            if hits and self.config.policy == "report":
+                for name in hits:
+                    stats.change(f"contaminated_{name}")
             if hits and self.config.policy == "drop":
                 first = next(iter(hits))
                 detail = ", ".join(f"{name}: {count} shared {n}-grams"

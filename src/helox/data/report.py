@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -10,19 +11,48 @@ from helox.data.versions import quarantine_record
 
 
 def step_table(split: str, statistics: list[dict]) -> Table:
-    table = Table(title=f"{split}: what each step kept and removed", title_justify="left")
-    for column in ("step", "in", "kept", "dropped (by reason)", "changed", "seconds"):
-        table.add_column(column, justify="right" if column in ("in", "kept", "seconds")
-                         else "left", overflow="fold")
+    """One row per step (documents in, kept, seconds), then one row per drop or edit reason."""
+    rows = []
     for row in statistics:
-        table.add_row(row["step"], f"{row['docs_in']:,}", f"{row['docs_out']:,}",
-                      _counts(row["dropped"]), _counts(row.get("changed", {})),
-                      f"{row['seconds']:.2f}" if "seconds" in row else "")
+        reasons = [("drop", r, n) for r, n in row["dropped"].items()]
+        reasons += [("edit", r, n) for r, n in row.get("changed", {}).items()]
+        kind, reason, count = reasons[0] if reasons else ("", "", "")
+        rows.append((row["step"], f"{row['docs_in']:,}", f"{row['docs_out']:,}",
+                     f"{row['seconds']:.2f}", kind, reason, _number(count)))
+        rows += [("", "", "", "", kind, reason, _number(count))
+                 for kind, reason, count in reasons[1:]]
+    table = Table(title=f"{split}: what each step kept, dropped and edited",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for i, column in enumerate(("step", "in", "kept", "seconds", "", "reason", "count")):
+        width = max(len(column), *(len(r[i]) for r in rows))
+        # Every column but the reason keeps its full width; a long reason folds instead.
+        table.add_column(column, justify="left" if column in ("step", "", "reason")
+                         else "right", min_width=None if column == "reason" else width,
+                         overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
-def _counts(counts: dict) -> str:
-    return ", ".join(f"{reason} {count:,}" for reason, count in counts.items())
+def _number(count) -> str:
+    return f"{count:,}" if isinstance(count, int) else ""
+
+
+def _counts(counts: dict, sep: str = "\n") -> str:
+    return sep.join(f"{reason} {count:,}" for reason, count in counts.items())
+
+
+def summary_line(split: str, statistics: list[dict]) -> str:
+    """One line per split for `helox run`: documents read, kept, and the biggest removals."""
+    dropped: dict[str, int] = {}
+    for row in statistics:
+        for reason, count in row["dropped"].items():
+            dropped[f"{row['step']}:{reason}"] = count
+    top = sorted(dropped.items(), key=lambda item: -item[1])[:4]
+    removed = ", ".join(f"{name} {count:,}" for name, count in top)
+    return (f"{split}: {statistics[0]['docs_out']:,} documents read, "
+            f"{statistics[-1]['docs_out']:,} kept" + (f" (removed: {removed}…)" if top else ""))
 
 
 def print_report(console: Console, dataset: DatasetVersion) -> None:
@@ -70,7 +100,8 @@ def print_show(console: Console, dataset: DatasetVersion) -> None:
     for split, info in dataset.manifest["splits"].items():
         console.print(f"{split}: {info['num_tokens']:,} tokens, {info['num_documents']:,} "
                       f"documents, {len(info['shards'])} shard(s); tokens by domain: "
-                      f"{_counts(info.get('domain_tokens', {}))}", markup=False, soft_wrap=True)
+                      f"{_counts(info.get('domain_tokens', {}), ', ')}", markup=False,
+                      soft_wrap=True)
     print_report(console, dataset)
     record = quarantine_record(dataset.path)
     if record:
