@@ -97,7 +97,7 @@ def data_log(workspace: WorkspaceOpt = Path("workspace"),
 def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
     """Print a version's lineage (parents, sources, pipeline) and its step statistics.
 
-    Example: helox data show 17ea0dcd
+    Example: helox data show 2ba51aa8
     """
     from helox.data import versions
     from helox.data.report import print_show
@@ -109,7 +109,7 @@ def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) 
 def data_verify(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
     """Re-checksum every shard of a version; quarantine corrupted ones and say how to roll back.
 
-    Exits 1 when a file is corrupted. Example: helox data verify 17ea0dcd
+    Exits 1 when a file is corrupted. Example: helox data verify 2ba51aa8
     """
     from helox.data import versions
 
