@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -79,53 +80,43 @@ def test_a_step_that_loses_documents_silently_is_caught():
         list(run_steps(docs(4), [Leaky()], [StepStats("leaky")]))
 
 
+class Slow:
+    """Sleeps 10 ms per document: a step whose own time is known."""
+
+    name, scope = "slow", "document"
+
+    def run(self, docs, stats):
+        for doc in docs:
+            time.sleep(0.01)
+            yield doc
+
+
+class PassThrough:
+    def __init__(self, name, scope):
+        self.name, self.scope = name, scope
+
+    def run(self, docs, stats):
+        yield from list(docs) if self.scope == "corpus" else docs
+
+
+class Config:
+    def __init__(self, step):
+        self.step, self.scope, self._step = step.name, step.scope, step
+
+    def build(self):
+        return self._step
+
+
 def test_step_seconds_exclude_upstream_time():
-    import time
-
-    class Slow:
-        name, scope = "slow", "document"
-
-        def run(self, docs, stats):
-            for doc in docs:
-                time.sleep(0.01)
-                yield doc
-
-    class Fast:
-        name, scope = "fast", "document"
-
-        def run(self, docs, stats):
-            yield from docs
-
     stats = [StepStats("slow"), StepStats("fast")]
-    assert len(list(run_steps(docs(10), [Slow(), Fast()], stats))) == 10
+    steps = [Slow(), PassThrough("fast", "document")]
+    assert len(list(run_steps(docs(10), steps, stats))) == 10
     assert stats[0].seconds >= 0.09 and stats[1].seconds < 0.02
 
 
 def test_a_corpus_step_after_a_slow_document_step_is_not_charged_for_it():
-    import time
-
-    class Slow:
-        name, scope = "slow", "document"
-
-        def run(self, docs, stats):
-            for doc in docs:
-                time.sleep(0.01)
-                yield doc
-
-    class Collect:
-        name, scope = "collect", "corpus"
-
-        def run(self, docs, stats):
-            yield from list(docs)
-
-    class Config:
-        def __init__(self, step):
-            self.step, self.scope, self._step = step.name, step.scope, step
-
-        def build(self):
-            return self._step
-
-    stream, stats = run_pipeline(docs(10), [Config(Slow()), Config(Collect())])
+    configs = [Config(Slow()), Config(PassThrough("collect", "corpus"))]
+    stream, stats = run_pipeline(docs(10), configs)
     assert len(list(stream)) == 10
     assert stats[0].seconds >= 0.09 and stats[1].seconds < 0.02
 

@@ -120,29 +120,27 @@ class _Clock:
 
 def _counted_in(docs: Iterable[Document], stats: StepStats, clock: _Clock
                 ) -> Iterator[Document]:
-    iterator = iter(docs)
-    while True:
-        start = time.perf_counter()
-        try:
-            doc = next(iterator)
-        except StopIteration:
-            clock.upstream += time.perf_counter() - start
-            return
-        clock.upstream += time.perf_counter() - start
+    for doc in _clocked(iter(docs), clock, "upstream"):
         stats.docs_in += 1
         yield doc
 
 
 def _timed(docs: Iterator[Document], stats: StepStats, clock: _Clock) -> Iterator[Document]:
+    for doc in _clocked(docs, clock, "inclusive"):
+        stats.docs_out += 1
+        yield doc
+
+
+def _clocked(docs: Iterator[Document], clock: _Clock, field: str) -> Iterator[Document]:
+    """Yield from `docs`, adding the time spent inside each next() to `clock.<field>`."""
     while True:
         start = time.perf_counter()
         try:
             doc = next(docs)
         except StopIteration:
-            clock.inclusive += time.perf_counter() - start
+            setattr(clock, field, getattr(clock, field) + time.perf_counter() - start)
             return
-        clock.inclusive += time.perf_counter() - start
-        stats.docs_out += 1
+        setattr(clock, field, getattr(clock, field) + time.perf_counter() - start)
         yield doc
 
 
