@@ -18,8 +18,9 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
     add_completion=False,
 )
-data_app = typer.Typer(help="Build and inspect datasets.\n\nExample: helox data prepare "
-                            "recipes/quickstart.yaml", no_args_is_help=True)
+data_app = typer.Typer(help="Build, inspect, verify and govern datasets (access and audit)."
+                            "\n\nExample: helox data prepare recipes/quickstart.yaml",
+                       no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
@@ -85,12 +86,12 @@ def data_log(workspace: WorkspaceOpt = Path("workspace"),
     Example: helox data log --workspace workspace
     """
     from helox.data import versions
-    from helox.data.report import log_table
+    from helox.data.report import log_lines
 
     root = versions.datasets_root(workspace)
     found = [d for d in versions.all_versions(root) if name is None or d.name == name]
     heads = {d.name: versions.head(root, d.name) for d in found}
-    console.print(log_table(found, heads))
+    print("\n".join(log_lines(found, heads)) if found else f"no dataset versions in {root}")
 
 
 @data_app.command("show")

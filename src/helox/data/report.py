@@ -21,18 +21,9 @@ def step_table(split: str, statistics: list[dict]) -> Table:
                      f"{row['seconds']:.2f}", kind, reason, _number(count)))
         rows += [("", "", "", "", kind, reason, _number(count))
                  for kind, reason, count in reasons[1:]]
-    table = Table(title=f"{split}: what each step kept, dropped and edited",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  collapse_padding=True)
-    for i, column in enumerate(("step", "in", "kept", "seconds", "", "reason", "count")):
-        width = max(len(column), *(len(r[i]) for r in rows))
-        # Every column but the reason keeps its full width; a long reason folds instead.
-        table.add_column(column, justify="left" if column in ("step", "", "reason")
-                         else "right", min_width=None if column == "reason" else width,
-                         overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return _table(f"{split}: what each step kept, dropped and edited",
+                  ("step", "in", "kept", "seconds", "", "reason", "count"), rows,
+                  flexible="reason")
 
 
 def _number(count) -> str:
@@ -66,19 +57,39 @@ def print_report(console: Console, dataset: DatasetVersion) -> None:
                   f"reason: {dataset.path / 'removed.jsonl'}", markup=False, soft_wrap=True)
 
 
-def log_table(datasets: list[DatasetVersion], heads: dict[str, str]) -> Table:
-    table = Table(title="dataset versions, newest first", title_justify="left")
-    for column in ("version", "name", "created (UTC)", "parent", "train tokens", "documents",
-                   "state"):
-        table.add_column(column, no_wrap=column in ("version", "parent"), overflow="fold")
+def log_lines(datasets: list[DatasetVersion], heads: dict[str, str]) -> list[str]:
+    """`git log`-style entries, newest first: three short lines per version."""
+    lines = []
     for dataset in datasets:
         lineage, train = dataset.lineage, dataset.split("train")
-        parents = ", ".join(lineage.get("parents") or []) or "-"
-        state = "quarantined" if quarantine_record(dataset.path) else (
-            "head" if heads.get(dataset.name) == dataset.version else "")
-        created = lineage.get("created_at", "?")[:19].replace("T", " ")
-        table.add_row(dataset.version, dataset.name, created, parents,
-                      f"{train['num_tokens']:,}", f"{train['num_documents']:,}", state)
+        marks = [dataset.name]
+        if heads.get(dataset.name) == dataset.version:
+            marks.append("head")
+        if quarantine_record(dataset.path):
+            marks.append("QUARANTINED")
+        created = lineage.get("created_at", "?")[:16].replace("T", " ")
+        parents = ", ".join(lineage.get("parents") or []) or "none"
+        lines += [f"version {dataset.version} ({', '.join(marks)})",
+                  f"  created {created} UTC by {lineage.get('principal', '?')}; "
+                  f"parent {parents}",
+                  f"  {train['num_tokens']:,} training tokens, {train['num_documents']:,} "
+                  f"documents", ""]
+    return lines
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
+           flexible: str) -> Table:
+    """A compact table whose columns keep their full width, except `flexible`, which folds."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for i, column in enumerate(columns):
+        width = max([len(column), *(len(row[i]) for row in rows)])
+        numeric = any(row[i][:1].isdigit() for row in rows) and column not in (
+            "version", "created (UTC)", "parent")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold",
+                         min_width=None if column == flexible else width)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
