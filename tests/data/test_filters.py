@@ -127,6 +127,42 @@ def test_word_splitter_matches_spacy(text):
     assert splitter(text) == SPACY_TOKENS[text]  # again, from the cache
 
 
+
+def test_word_splitter_fast_path_agrees_with_the_full_algorithm():
+    """`_split_fast` (character look-ups, shortcuts) must cut every piece as `_split_full`
+    (the regex rules, as spaCy applies them) does, wherever it does not give up."""
+    splitter = WordSplitter()
+    pieces = dict.fromkeys(piece for text in corpus_texts(2000) for piece in text.split())
+    corpus_fast = sum(splitter._split_fast(piece) is not None for piece in pieces)
+    assert corpus_fast > 0.95 * len(pieces)  # the fast path is the common one
+    rng = random.Random(0)  # and odd mixes of affixes, special cases and infixes
+    parts = [*"aAsSzIé9°F.,;:!?()[]\"'’_-$%+…«»=/~^", "'s", "Mr", "dont", "o'clock", "C++",
+             "e.g", "US$", "km", "12", "p.m.", "..", "—", "ಠ", "😀", "²", ":)"]
+    pieces.update(("".join(rng.choices(parts, k=rng.randint(1, 8))), None) for _ in range(20000))
+    for piece in pieces:
+        tokens = splitter._split_fast(piece)
+        assert tokens is None or tokens == splitter._split_full(piece), piece
+    assert splitter("(Queen's.) robb'd, logging.error(msg, item.name. 5km).") == [
+        "(", "Queen", "'s", ".", ")", "robb'd", ",", "logging.error(msg", ",", "item.name",
+        ".", "5", "km", ")", "."]
+
+
+def test_word_splitter_fast_path_character_sets_cut_as_the_regexes_do():
+    from helox.data import words
+
+    splitter = WordSplitter()
+    for char in words._LEAD:  # one prefix, whatever follows
+        for after in ("a", "US$", "1", ".", "+", char):
+            assert splitter.prefix.match(char + after).end() == 1, char
+    for char in words._TRAIL:  # one suffix, whatever precedes
+        for before in ("a", "1", "AB", "°C", ".", "…", "'", "km", char):
+            assert splitter._suffix_length(before + char) == 1, char
+    for char in words._BEFORE_PERIOD_CHARS:  # a final period is a suffix after these
+        assert splitter._suffix_length("x" + char + ".") == 1, char
+    for first in words._UPPER_CHARS:  # and after two capitals
+        for second in words._UPPER_CHARS:
+            assert splitter._suffix_length(first + second + ".") == 1
+
 def test_line_and_paragraph_splits_match_the_regexes():
     rng = random.Random(0)
     for _ in range(3000):

@@ -7,7 +7,9 @@ the first 2,000 corpus documents change decision. spaCy is not a dependency and 
 documents/s, so `WordSplitter` re-implements its algorithm for one whitespace-separated chunk
 (special cases, then prefixes/suffixes peeled off, then infixes split) with its English rules
 (spaCy 3.8, MIT licence; letter case of the Latin script only), and caches chunks: text repeats
-its chunks, so most are dictionary hits.
+its chunks, so most are dictionary hits. A chunk seen for the first time mostly has a common
+shape (a word with punctuation around it), which `_split_fast` cuts with character look-ups
+instead of the regex rules; the tests check it against them (`_split_full`).
 """
 
 from __future__ import annotations
@@ -76,15 +78,27 @@ _NOT_CONTRACTIONS = {"ill", "its", "hell", "shell", "shed", "were", "well", "who
 
 @functools.cache
 def _symbol_class() -> str:
-    """Unicode "other symbols" (category So) as a regex class: spaCy's `_other_symbols`."""
+    """Unicode "other symbols" (category So) as a regex: spaCy's `_other_symbols`.
+
+    One class for the Basic Multilingual Plane and one, behind a one-range guard, for the
+    planes above: `re` looks a BMP character up in a bitmap, but walks a class's ranges above
+    the BMP one by one, and with those in the same class every character the affix and infix
+    rules test (most are not symbols) cost ~100 range comparisons.
+    """
     codes = [i for i in range(0x20000) if unicodedata.category(chr(i)) == "So"]
-    ranges, first = [], codes[0]
-    for prev, code in zip(codes, codes[1:] + [-1]):
-        if code != prev + 1:
-            ranges.append(re.escape(chr(first)) + ("-" + re.escape(chr(prev))
-                                                   if prev > first else ""))
-            first = code
-    return "[" + "".join(ranges) + "]"
+
+    def ranges(codes: list[int]) -> str:
+        out, first = [], codes[0]
+        for prev, code in zip(codes, codes[1:] + [-1]):
+            if code != prev + 1:
+                out.append(re.escape(chr(first)) + ("-" + re.escape(chr(prev))
+                                                    if prev > first else ""))
+                first = code
+        return "".join(out)
+
+    bmp = [code for code in codes if code < 0x10000]
+    above = [code for code in codes if code >= 0x10000]
+    return f"(?:[{ranges(bmp)}]|(?=[\\U00010000-\\U0010ffff])[{ranges(above)}])"
 
 
 def _class(chars: str) -> str:
@@ -123,6 +137,21 @@ def _special_cases() -> dict[str, tuple[str, ...]]:
     return cases
 
 
+# Characters for the fast path (`WordSplitter._split_fast`), each a whole affix wherever it is:
+# the prefix rule cuts exactly one `_LEAD` character off the start of a text whatever follows it
+# (the prefixes longer than one character start with "+", "." or a letter), and the suffix rule
+# one `_TRAIL` character off its end whatever precedes it ("…" is left out: "……" is a suffix).
+_LEAD = frozenset("§%=—–$£€¥" + _PUNCT + _QUOTES)
+_TRAIL = frozenset(_PUNCT + _QUOTES) - {"…"}
+_LOWER_CHARS = frozenset(map(chr, [*range(ord("a"), ord("z") + 1), *range(0xDF, 0xF7),
+                                   *range(0xF8, 0x100)]))
+_UPPER_CHARS = frozenset(map(chr, [*range(ord("A"), ord("Z") + 1), *range(0xC0, 0xD7),
+                                   *range(0xD8, 0xDF)]))
+_BEFORE_PERIOD_CHARS = _LOWER_CHARS | frozenset("0123456789%²+(?:|-" + _PUNCT + _QUOTES)
+_POSSESSIVES = frozenset(["'s", "'S", "’s", "’S"])
+# The ASCII characters some infix rule needs (no ASCII character is a symbol, category So).
+_ASCII_INFIX_CHARS = frozenset(".+-*^,~:<>=/")
+_DIGITS = frozenset("0123456789")
 _COUNT_BITS = 40  # per field of `Chunk.counts`: enough for any text of < 1 TB
 
 
@@ -191,6 +220,8 @@ class WordSplitter:
         self.codes: dict[str, str] = {}
         self.code_chars: dict[str, int] = {}
         """Characters in the token of each code."""
+        self.token_info: dict[str, tuple[str, int]] = {}
+        """The code and the packed counts (see `Chunk.counts`) of each token."""
         for token in self.reserved_tokens:
             self.code(token)
 
@@ -200,6 +231,14 @@ class WordSplitter:
             code = self.codes[token] = chr(len(self.codes))
             self.code_chars[code] = len(token)
         return code
+
+    def _token_info(self, token: str) -> tuple[str, int]:
+        info = self.token_info.get(token)
+        if info is None:
+            is_word = any(map(str.isalnum, token))
+            info = self.token_info[token] = (self.code(token), _pack_counts(
+                is_word, len(token) if is_word else 0, any(map(str.isalpha, token))))
+        return info
 
     def __call__(self, text: str) -> list[str]:
         """The tokens of `text`."""
@@ -213,39 +252,114 @@ class WordSplitter:
             self._restart()
         pieces = text.split()
         # map/join/sum keep the per-piece work in C; only cache misses run Python code.
-        chunks = list(map(self.chunks.get, pieces))
-        if None in chunks:
-            chunks = [chunk or self.split_chunk(piece) for chunk, piece in zip(chunks, pieces)]
+        get = self.chunks.get
+        chunks = list(map(get, pieces))
+        if None in chunks:  # look again before splitting: a piece may repeat in the text
+            chunks = [chunk or get(piece) or self.split_chunk(piece)
+                      for chunk, piece in zip(chunks, pieces)]
         return Words("".join(map(itemgetter(1), chunks)),
                      *_unpack_counts(sum(map(itemgetter(2), chunks)), 3))
 
     def split_chunk(self, piece: str) -> Chunk:
         """The tokens of one whitespace-free piece of text, and their counts (cached)."""
-        tokens = self.special.get(piece)
-        if tokens is None and (piece.isalpha() or piece.isdecimal()):
-            # The most common piece, and no affix or infix rule applies to it.
-            chunk = Chunk((piece,), self.code(piece),
-                          _pack_counts(1, len(piece), int(piece.isalpha())))
+        tokens = self._split_fast(piece) or self._split_full(piece)
+        if len(tokens) == 1:
+            code, counts = self.token_info.get(tokens[0]) or self._token_info(tokens[0])
+            chunk = Chunk(tokens, code, counts)
         else:
-            if tokens is None:
-                tokens = self._split_chunk(piece)
-            words = [token for token in tokens if any(map(str.isalnum, token))]
-            alpha = sum(1 for token in tokens if any(map(str.isalpha, token)))
-            chunk = Chunk(tokens, "".join(map(self.code, tokens)),
-                          _pack_counts(len(words), sum(map(len, words)), alpha))
+            get = self.token_info.get
+            infos = [get(token) or self._token_info(token) for token in tokens]
+            chunk = Chunk(tokens, "".join([info[0] for info in infos]),
+                          sum([info[1] for info in infos]))
         self.chunks[piece] = chunk
         return chunk
 
-    def _split_chunk(self, chunk: str) -> tuple[str, ...]:
-        """spaCy's `Tokenizer._split_affixes` then `_attach_tokens`."""
-        core, last = chunk[:-1], chunk[-1]
+    def _split_fast(self, piece: str) -> tuple[str, ...] | None:
+        """`_split_full(piece)` with affixes cut by character look-ups, or None if unsure.
+
+        Handles a word with single-character prefixes from `_LEAD` before it and suffixes
+        after it: `_TRAIL` characters, possessives ("'s") and periods where the suffix rule
+        splits them. Each of these affixes is then one cut wherever it is; the word starts
+        with a letter or digit and gets no affix (checked with the regexes, or evident for
+        letters only and digits only), so `_peel_affixes` reduces to the special-case
+        look-ups it makes between cuts, which this repeats in the same order.
+        """
+        special = self.special
+        tokens = special.get(piece)
+        if tokens is not None:
+            return tokens
+        if piece.isalpha() or piece.isdecimal():
+            return (piece,)
+        core, last = piece[:-1], piece[-1]
         # The next most common shapes: a word and one punctuation mark.
         if last in ",;:!?" and core.isalpha():
-            return (*self.special.get(core, (core,)), last)
+            return (*special.get(core, (core,)), last)
         if last == "." and core.isascii() and core.isalpha():  # the suffix rules for "."
             if core[-1].islower() or core[-2:].isupper() and len(core) > 1:
-                return (*self.special.get(core, (core,)), last)
-            return (chunk,)
+                return (*special.get(core, (core,)), last)
+            return (piece,)
+        n, start = len(piece), 0
+        while start < n and piece[start] in _LEAD:
+            start += 1
+        cuts = [n]  # ends of the text as the suffixes come off, outermost first
+        end = n
+        while end > start + 1:  # leave at least one character to the word
+            last = piece[end - 1]
+            if last in _TRAIL:
+                end -= 1
+            elif last == ".":  # the suffix rule's lookbehinds: `_BEFORE_PERIOD_SUFFIX`, "AB."
+                before = piece[end - 2]
+                if not (before in _BEFORE_PERIOD_CHARS or before in _UPPER_CHARS
+                        and end - 3 >= start and piece[end - 3] in _UPPER_CHARS):
+                    return None
+                end -= 1
+            elif piece[end - 2:end] in _POSSESSIVES and end - 2 > start:
+                end -= 2
+            else:
+                break
+            cuts.append(end)
+        word = piece[start:end]
+        if start and piece[start - 1:end] in _POSSESSIVES:  # "'s" is a suffix after all
+            return None
+        plain = word.isalpha() or word.isdecimal()
+        # A word starting with a letter or digit gets the same affixes alone as after prefixes.
+        if not plain and (not word[:1].isalnum() or self.prefix.match(word) or not (
+                # Ending with a letter, only "'s" or a unit after a digit is a suffix.
+                word[-1].isalpha() and word[-2:] not in _POSSESSIVES
+                and _DIGITS.isdisjoint(word[-5:])) and self._suffix_length(word)):
+            return None
+        # `_peel_affixes`: text = piece[pre:cuts[suf]] after `pre` prefixes and `suf` suffixes.
+        pre = suf = 0
+        last_suf = len(cuts) - 1
+        while True:
+            if piece[pre:cuts[suf]] in special:
+                break
+            if pre < start and piece[pre + 1:cuts[suf]] in special:
+                pre += 1
+                break
+            if suf < last_suf and piece[pre:cuts[suf + 1]] in special:
+                suf += 1
+                break
+            if pre == start and suf == last_suf:
+                break
+            pre += pre < start
+            suf += suf < last_suf
+        core = piece[pre:cuts[suf]]
+        middle = special.get(core)
+        if middle is None:  # `_split_full`'s rules, skipped where they cannot apply
+            if plain or core.isascii() and _ASCII_INFIX_CHARS.isdisjoint(core):
+                middle = (core,)  # no infix, and not a URL (which needs a ".")
+            elif "." in core and _URL.match(core):
+                middle = (core,)
+            else:
+                middle = self._split_infixes(core)
+        return (*piece[:pre], *middle,
+                *[piece[cuts[i + 1]:cuts[i]] for i in range(suf - 1, -1, -1)])
+
+    def _split_full(self, chunk: str) -> tuple[str, ...]:
+        """spaCy's `Tokenizer._split_affixes` then `_attach_tokens`."""
+        if chunk in self.special:
+            return self.special[chunk]
         prefixes, suffixes, core = self._peel_affixes(chunk)
         if not core:
             middle: tuple[str, ...] = ()
