@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import itertools
 import math
 import os
 import re
@@ -34,7 +33,7 @@ from rensa import RMinHash, RMinHashLSH
 
 from helox.configbase import StrictModel
 from helox.data.document import Document
-from helox.data.pipeline import StepStats
+from helox.data.pipeline import StepStats, batched
 from helox.errors import HeloxError
 from helox.hardware import cpu_has_native_bf16
 
@@ -48,12 +47,6 @@ SEMANTIC_BLOCK_ROWS = 16_384
 """Kept embeddings multiplied at once: bounds the similarity block to batch × 16k floats."""
 FALSE_CANDIDATE_MARGIN = 0.2
 """choose_bands_rows minimises the candidate probability at this far below the threshold."""
-
-
-def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    iterator = iter(docs)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
 
 
 # --------------------------------------------------------------------------- exact
@@ -247,7 +240,7 @@ class NearDedup:
 
     def run(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         kept = _KeptShingles(self.config, self.num_bands, self.rows_per_band)
-        for batch in _batched(docs, NEAR_BATCH_DOCUMENTS):
+        for batch in batched(docs, NEAR_BATCH_DOCUMENTS):
             shingle_lists = [word_shingles(doc.text, self.config.ngram_words) for doc in batch]
             signed = self._sign([s for s in shingle_lists if s])
             for doc, shingles in zip(batch, shingle_lists):
@@ -394,7 +387,7 @@ class SemanticDedup:
 
     def run(self, docs: Iterable[Document], stats: StepStats) -> Iterator[Document]:
         kept: _KeptEmbeddings | None = None
-        for batch in _batched(docs, self.config.batch_size):
+        for batch in batched(docs, self.config.batch_size):
             vectors = self.embed([doc.text for doc in batch])
             if kept is None:
                 kept = _KeptEmbeddings(vectors.shape[1])

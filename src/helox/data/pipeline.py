@@ -18,16 +18,18 @@ merged, ordered stream.
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from helox.data.document import Document
 
 MAX_EXAMPLES_PER_REASON = 20
 WORKER_BATCH_DOCUMENTS = 256
+T = TypeVar("T")
 
 
 class Step(Protocol):
@@ -153,7 +155,7 @@ def run_pipeline(docs: Iterable[Document], configs: list[StepConfig], num_worker
     `on_document(n)` is called with the number of documents read so far (for progress bars).
     """
     stats = [StepStats(_step_name(c)) for c in configs]
-    stream: Iterable[Document] = _reporting(docs, on_document) if on_document else docs
+    stream: Iterable[Document] = reporting(docs, on_document) if on_document else docs
     return _stream(stream, configs, stats, num_workers), stats
 
 
@@ -199,12 +201,13 @@ def _scope(config: StepConfig) -> str:
     return getattr(config, "scope", "document")
 
 
-def _reporting(docs: Iterable[Document], on_document: Callable[[int], None]
-               ) -> Iterator[Document]:
-    for done, doc in enumerate(docs, start=1):
-        if done % WORKER_BATCH_DOCUMENTS == 0:
-            on_document(done)
-        yield doc
+def reporting(items: Iterable[T], on_count: Callable[[int], None],
+              every: int = WORKER_BATCH_DOCUMENTS) -> Iterator[T]:
+    """Yield `items`, calling `on_count(n)` every `every` items (drives progress displays)."""
+    for done, item in enumerate(items, start=1):
+        if done % every == 0:
+            on_count(done)
+        yield item
 
 
 def _pooled(pool, docs: Iterable[Document], start: int, end: int, stats: list[StepStats],
@@ -213,7 +216,7 @@ def _pooled(pool, docs: Iterable[Document], start: int, end: int, stats: list[St
     not through `imap`'s feeder thread, lets two segments share the pool: a feeder blocked on
     the upstream segment's results would starve that segment of workers."""
     pending: collections.deque = collections.deque()
-    for batch in _batches(docs, WORKER_BATCH_DOCUMENTS):
+    for batch in batched(docs, WORKER_BATCH_DOCUMENTS):
         pending.append(pool.apply_async(_run_batch, ((start, end, batch),)))
         if len(pending) >= window:
             yield from _collect(pending.popleft().get(), stats)
@@ -245,12 +248,8 @@ def _run_batch(task: tuple[int, int, list[Document]]) -> tuple[list[Document], l
     return list(run_steps(batch, steps, stats)), stats
 
 
-def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    batch = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of `size` items (the last may be shorter); itertools.batched needs Python 3.12."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
         yield batch

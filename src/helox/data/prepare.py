@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from helox.config import RunConfig, sha256_json
 from helox.data import access, versions
-from helox.data.pipeline import StepStats, run_pipeline
+from helox.data.pipeline import StepStats, batched, reporting, run_pipeline
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, version_id
 from helox.data.sources import SourceConfig, read_documents, source_files
 from helox.data.tokenizer import eos_id, load_tokenizer, train_bpe
@@ -189,8 +189,8 @@ def _cleaned_documents(path: Path) -> Iterator[dict]:
 def _get_tokenizer(config: RunConfig, train_path: Path, progress: Progress) -> Tokenizer:
     if config.tokenizer.path is not None:
         return load_tokenizer(config.tokenizer.path)
-    texts = (d["text"] for d in _counting(_cleaned_documents(train_path), progress,
-                                          "training BPE"))
+    docs = reporting(_cleaned_documents(train_path), lambda done: progress("training BPE", done))
+    texts = (d["text"] for d in docs)
     return train_bpe(texts, config.tokenizer.vocab_size, config.tokenizer.min_frequency,
                      config.tokenizer.eos_token)
 
@@ -202,7 +202,7 @@ def _write_shards(config: RunConfig, tokenizer: Tokenizer, cleaned: dict[str, Pa
     splits, writers = {}, {}
     for split, path in cleaned.items():
         writer = ShardWriter(tmp_dir, split, vocab_size, config.data.shard_size_tokens)
-        for done, batch in enumerate(_batches(_cleaned_documents(path), ENCODE_BATCH_DOCUMENTS)):
+        for done, batch in enumerate(batched(_cleaned_documents(path), ENCODE_BATCH_DOCUMENTS)):
             for doc, encoding in zip(batch, tokenizer.encode_batch([d["text"] for d in batch])):
                 writer.add(encoding.ids + [eos], doc["domain"])
             progress(f"tokenizing {split}", (done + 1) * ENCODE_BATCH_DOCUMENTS)
@@ -229,18 +229,6 @@ def _publish(tmp_dir: Path, root: Path, version: str) -> DatasetVersion:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
-
-
-def _batches(docs: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    while batch := list(itertools.islice(docs, size)):
-        yield batch
-
-
-def _counting(docs: Iterator[dict], progress: Progress, stage: str) -> Iterator[dict]:
-    for done, doc in enumerate(docs, start=1):
-        if done % ENCODE_BATCH_DOCUMENTS == 0:
-            progress(stage, done)
-        yield doc
 
 
 def _input_files(config: RunConfig, selection: Selection) -> list[Path]:
