@@ -48,6 +48,8 @@ class Selection:
 
     sources: dict[str, list[SourceConfig]]
     excluded: list[dict]
+    file_sha256: dict[Path, str]
+    """sha256 of every input file (sources, tokenizer, eval sets): hashed once per build."""
 
 
 def datasets_dir(config: RunConfig) -> Path:
@@ -120,7 +122,8 @@ def select_sources(config: RunConfig) -> Selection:
         raise HeloxError(f"every training source is excluded by provenance rules ({reasons})",
                          hint="refresh the sources (retrieved_on), raise their trust, or "
                               "lower data.min_trust")
-    return Selection(sources, excluded)
+    files = _input_files(config, sources)
+    return Selection(sources, excluded, {f: sha256_file(f) for f in files})
 
 
 def _build(config: RunConfig, selection: Selection, tmp_dir: Path, progress: Progress,
@@ -231,9 +234,9 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def _input_files(config: RunConfig, selection: Selection) -> list[Path]:
+def _input_files(config: RunConfig, sources: dict[str, list[SourceConfig]]) -> list[Path]:
     """Every file whose bytes decide the dataset: sources, tokenizer, eval sets of steps."""
-    files = [f for split in SPLITS for s in selection.sources[split] for f in source_files(s)]
+    files = [f for split in SPLITS for s in sources[split] for f in source_files(s)]
     if config.tokenizer.path is not None:
         files.append(config.tokenizer.path)
     for step in config.data.pipeline:
@@ -271,7 +274,7 @@ def _inputs_key(config: RunConfig, selection: Selection) -> str:
     return sha256_json({"data": data, "tokenizer": config.tokenizer.model_dump(mode="json"),
                         "selected": {k: [str(s.path) for s in v]
                                      for k, v in selection.sources.items()},
-                        "files": [sha256_file(f) for f in _input_files(config, selection)],
+                        "files": list(selection.file_sha256.values()),
                         "code": _data_code_sha256()})
 
 
@@ -288,7 +291,8 @@ def _cached_version(root: Path, inputs_key: str) -> DatasetVersion | None:
 def _lineage(config: RunConfig, selection: Selection, statistics: dict, root: Path,
              version: str) -> dict:
     def describe(source: SourceConfig) -> dict:
-        files = [{"path": str(f), "sha256": sha256_file(f)} for f in source_files(source)]
+        files = [{"path": str(f), "sha256": selection.file_sha256[f]}
+                 for f in source_files(source)]
         return {**source.model_dump(mode="json", include={"path", "format", "domain", "trust",
                                                           "retrieved_on", "ttl_days",
                                                           "expires_on"}), "files": files}
