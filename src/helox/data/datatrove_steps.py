@@ -116,7 +116,7 @@ class HeloxStep(PipelineStep):
 
     def _timed(self, kept: Iterator[Document], shard: _Shard) -> Iterator[Document]:
         """Datatrove's per-document time of this step, without the upstream steps' time
-        (run_steps' own timer includes the upstream of its first step, i.e. the reader).
+        (datatrove keeps a distribution of per-document times; run_steps keeps a total).
         One observation per kept document, plus one for the work after the last of them."""
         while True:
             start, upstream_before = time.perf_counter(), shard.upstream_seconds

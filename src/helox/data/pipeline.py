@@ -99,50 +99,40 @@ class StepStats:
 
 def run_steps(docs: Iterable[Document], steps: list[Step],
               stats: list[StepStats]) -> Iterator[Document]:
-    """Chain `steps` in this process; `stats[i]` receives step i's counts and self time."""
+    """Chain `steps` in this process; `stats[i]` receives step i's counts and self time.
+
+    A step's own time is the time inside its next() minus the time it spends pulling from
+    upstream, whatever the upstream is (another step, a worker pool, a reader).
+    """
     stream: Iterable[Document] = docs
-    clocks = [_Clock() for _ in steps]
-    for step, step_stats, clock in zip(steps, stats, clocks):
-        stream = _timed(step.run(_counted_in(stream, step_stats, clock), step_stats),
-                        step_stats, clock)
+    meters = [(_Meter(), _Meter()) for _ in steps]  # (pulled from upstream, yielded)
+    for step, step_stats, (pulled, yielded) in zip(steps, stats, meters):
+        stream = _metered(step.run(_metered(iter(stream), pulled), step_stats), yielded)
     yield from stream
-    for step_stats, clock in zip(stats, clocks):
-        step_stats.seconds += clock.inclusive - clock.upstream
+    for step_stats, (pulled, yielded) in zip(stats, meters):
+        step_stats.docs_in += pulled.count
+        step_stats.docs_out += yielded.count
+        step_stats.seconds += yielded.seconds - pulled.seconds
         step_stats.check_balance()
 
 
 @dataclass
-class _Clock:
-    """A step's own time is the time inside its next() minus the time it spends pulling from
-    upstream, whatever the upstream is (another step, a worker pool, a reader)."""
-
-    inclusive: float = 0.0
-    upstream: float = 0.0
+class _Meter:
+    count: int = 0
+    seconds: float = 0.0
 
 
-def _counted_in(docs: Iterable[Document], stats: StepStats, clock: _Clock
-                ) -> Iterator[Document]:
-    for doc in _clocked(iter(docs), clock, "upstream"):
-        stats.docs_in += 1
-        yield doc
-
-
-def _timed(docs: Iterator[Document], stats: StepStats, clock: _Clock) -> Iterator[Document]:
-    for doc in _clocked(docs, clock, "inclusive"):
-        stats.docs_out += 1
-        yield doc
-
-
-def _clocked(docs: Iterator[Document], clock: _Clock, field: str) -> Iterator[Document]:
-    """Yield from `docs`, adding the time spent inside each next() to `clock.<field>`."""
+def _metered(docs: Iterator[Document], meter: _Meter) -> Iterator[Document]:
+    """Yield from `docs`, counting them and the time spent inside each next()."""
     while True:
         start = time.perf_counter()
         try:
             doc = next(docs)
         except StopIteration:
-            setattr(clock, field, getattr(clock, field) + time.perf_counter() - start)
+            meter.seconds += time.perf_counter() - start
             return
-        setattr(clock, field, getattr(clock, field) + time.perf_counter() - start)
+        meter.seconds += time.perf_counter() - start
+        meter.count += 1
         yield doc
 
 
