@@ -22,11 +22,14 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from helox.configbase import StrictModel, resolve_input_path
 from helox.data.contamination import ContaminationConfig
+from helox.data.curriculum import CurriculumConfig
 from helox.data.dedup import ExactDedupConfig, NearDedupConfig, SemanticDedupConfig
 from helox.data.domains import DomainTagConfig
 from helox.data.filters import NormalizeConfig, QualityConfig
+from helox.data.mixing import MixtureConfig
 from helox.data.safety import PiiConfig, SecretsConfig
 from helox.data.sources import SourceConfig
+from helox.data.synthetic import SyntheticTaskConfig
 from helox.errors import HeloxError
 
 __all__ = ["ConfigError", "StrictModel", "SourceConfig", "RunConfig", "load_config"]
@@ -68,6 +71,10 @@ class DataConfig(StrictModel):
     """Cleaning steps applied in order to every split (normalize, quality, pii, secrets,
     exact_dedup, near_dedup, semantic_dedup, domain_tag) and to the train split only
     (contamination)."""
+    synthetic: list[SyntheticTaskConfig] = []
+    """Generated long-range tasks (passkey, kv_recall, variable_tracking), each written into
+    its own domain of both splits; they skip the cleaning pipeline (nothing to clean, and its
+    quality rules would drop them)."""
     min_trust: float = Field(default=0.0, ge=0, le=1)
     """Sources whose `trust` is below this are excluded from the build (and reported)."""
     as_of: dt.date | None = None
@@ -82,6 +89,10 @@ class DataConfig(StrictModel):
         if not self.train and self.version is None:
             raise ValueError("give training sources in data.train, or an existing dataset "
                              "version in data.version")
+        domains = [task.domain_name for task in self.synthetic]
+        if len(domains) != len(set(domains)):
+            raise ValueError(f"two synthetic tasks write the same domain: {domains}; give each "
+                             "a distinct `domain`")
         return self
 
 
@@ -176,7 +187,14 @@ class TrainConfig(StrictModel):
     eval_every_steps: int = Field(default=100, ge=0)
     """Validation loss every this many steps (and at the end); 0 disables it."""
     eval_batches: int = Field(default=8, gt=0)
-    """Validation micro-batches per evaluation (always the same ones)."""
+    """Validation micro-batches per evaluation (always the same sequences, shared evenly
+    among the validation domains)."""
+    document_masking: bool = False
+    """Attend only within a document: positions restart and attention stops at every EOS
+    (packed sequences otherwise attend across the documents they hold)."""
+    data_workers: int = Field(default=0, ge=0)
+    """DataLoader worker processes reading batches ahead; 0 reads in the training process.
+    The data order is the same for any number (and may change on resume)."""
 
 
 class OptimConfig(StrictModel):
@@ -234,6 +252,10 @@ class RunConfig(StrictModel):
     """The training loop."""
     optim: OptimConfig = OptimConfig()
     """Optimizer and learning-rate schedule."""
+    mixture: MixtureConfig = MixtureConfig()
+    """Sampling weights per domain and their online rebalancing."""
+    curriculum: CurriculumConfig = CurriculumConfig()
+    """Sequence-length, batch-size and task-injection schedules."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoint cadence and retention."""
     sample: SampleConfig = SampleConfig()
@@ -287,6 +309,12 @@ def _cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
     if config.train.eval_every_steps and not config.data.val:
         problems.append(("data.val", "validation sources are needed because "
                                      "train.eval_every_steps > 0 (or set it to 0)"))
+    for problem in config.curriculum.problems(config.train.seq_len, config.train.micro_batch_size
+                                              * config.train.grad_accum_steps):
+        problems.append(("curriculum", problem))
+    if config.mixture.rebalance and not (config.data.val or config.data.version):
+        problems.append(("data.val", "mixture.rebalance scores every domain on validation "
+                                     "data; add validation sources"))
     if config.optim.warmup_steps >= config.train.max_steps:
         problems.append(("optim.warmup_steps", f"{config.optim.warmup_steps} must be below "
                                                f"train.max_steps ({config.train.max_steps})"))
@@ -321,7 +349,8 @@ def _read_yaml(path: Path) -> dict:
 def apply_override(raw: dict, override: str) -> tuple[str, str] | None:
     """Set `a.b.0.c=value` in the raw recipe (value parsed as YAML); return a problem or None.
 
-    A list index one past the end appends (`data.pipeline.3={step: ...}`)."""
+    A list index one past the end appends (`data.pipeline.3={step: ...}`, or field by field:
+    `data.synthetic.0.task=passkey` creates the list and its first item)."""
     dotted, sep, text = override.partition("=")
     if not sep or not dotted:
         return (override, "an override must look like section.key=value")
@@ -333,10 +362,12 @@ def apply_override(raw: dict, override: str) -> tuple[str, str] | None:
     node: Any = raw
     for depth, key in enumerate(keys[:-1]):
         child = _child(node, key)
-        if child is None:
-            child = {}
+        if child is None:  # a missing key (or the item one past a list's end) is created
+            child = [] if keys[depth + 1].isdigit() else {}
             if isinstance(node, dict):
                 node[key] = child
+            elif isinstance(node, list) and key == str(len(node)):
+                node.append(child)
             else:
                 return (".".join(keys[: depth + 1]), "no such list item to override")
         node = child

@@ -9,7 +9,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from helox.config import RunConfig
 from helox.data.prepare import prepare_dataset
-from helox.data.report import summary_line
+from helox.data.report import summary_line, synthetic_lines
 from helox.data.shards import DatasetVersion
 from helox.model.generate import complete
 from helox.observe.metrics import read_metrics
@@ -35,6 +35,8 @@ def prepare_with_progress(config: RunConfig, console: Console,
                   f"{len(split['shards'])} shard(s), {dataset.path}", soft_wrap=True)
     for name, statistics in dataset.report.get("splits", {}).items():
         console.print(summary_line(name, statistics), markup=False, soft_wrap=True)
+    for line in synthetic_lines(dataset.report):
+        console.print(line, markup=False, soft_wrap=True)
     return dataset
 
 

@@ -15,6 +15,7 @@ from helox.observe.metrics import read_metrics
 from helox.testing.tiny import QUICKSTART, tiny_config
 from helox.train.checkpoint import list_checkpoints
 from helox.model.llama import Llama
+from helox.data.loader import MicroBatch
 from helox.train.loop import compiled, make_loss_fn, train, train_step
 
 
@@ -156,8 +157,8 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_seq_len=16)
     tokens = torch.randint(0, 64, (8, 17))
-    big = [(tokens[:, :-1], tokens[:, 1:])]
-    split = [(tokens[i:i + 2, :-1], tokens[i:i + 2, 1:]) for i in range(0, 8, 2)]
+    big = [MicroBatch(tokens[:, :-1], tokens[:, 1:])]
+    split = [MicroBatch(tokens[i:i + 2, :-1], tokens[i:i + 2, 1:]) for i in range(0, 8, 2)]
     results = []
     for batches in (big, split):
         torch.manual_seed(1)
@@ -179,8 +180,8 @@ def test_compiler_failure_says_how_to_run_without_it(monkeypatch):
         return call
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    loss_fn = compiled(lambda inputs, targets: inputs.sum())
+    loss_fn = compiled(lambda batch: batch.inputs.sum())
     with pytest.raises(HeloxError, match="torch.compile failed: TorchRuntimeError: C\\+\\+ "
                                          "compiler not found") as exc_info:
-        loss_fn(torch.ones(1), torch.ones(1))
+        loss_fn(MicroBatch(torch.ones(1), torch.ones(1)))
     assert "train.compile=false" in exc_info.value.hint

@@ -31,6 +31,7 @@ from helox.data import access, versions
 from helox.data.pipeline import StepStats, batched, reporting, run_pipeline
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, version_id
 from helox.data.sources import SourceConfig, read_documents, source_files
+from helox.data.synthetic import SyntheticDocument, measure_signal
 from helox.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from helox.errors import HeloxError
 from helox.fileio import fsync_path, sha256_file
@@ -136,14 +137,17 @@ def _build(config: RunConfig, selection: Selection, tmp_dir: Path, progress: Pro
                 statistics[split] = _clean_split(config, split, sources, cleaned[split],
                                                  removed, progress)
     _require_documents(statistics["train"])
+    synthetic = _add_synthetic(config, cleaned, tmp_dir, progress)
     tokenizer = _get_tokenizer(config, cleaned["train"], progress)
     tokenizer.save(str(tmp_dir / "tokenizer.json"))
+    synthetic_report = _measure_synthetic(config, synthetic, tokenizer)
     manifest = _write_shards(config, tokenizer, cleaned, tmp_dir, progress)
     for path in cleaned.values():
         path.unlink()
     version = version_id(manifest)
     root = datasets_dir(config)
-    report = {"version": version, "splits": statistics, "excluded_sources": selection.excluded}
+    report = {"version": version, "splits": statistics, "excluded_sources": selection.excluded,
+              "synthetic": synthetic_report}
     _write_json(tmp_dir / "manifest.json", manifest)
     _write_json(tmp_dir / "report.json", report)
     _write_json(tmp_dir / "lineage.json", _lineage(config, selection, statistics, root, version))
@@ -170,6 +174,41 @@ def _clean_split(config: RunConfig, split: str, sources: list[SourceConfig], out
         for removal in stats.removals:
             removed.write(json.dumps({"split": split, **dataclasses.asdict(removal)}) + "\n")
     return [stats.summary() for stats in (read_stats, *step_stats)]
+
+
+def _add_synthetic(config: RunConfig, cleaned: dict[str, Path], tmp_dir: Path,
+                   progress: Progress) -> dict[str, list[SyntheticDocument]]:
+    """Append every synthetic task's documents to the cleaned splits; return the train ones."""
+    train_documents = {}
+    for task in config.data.synthetic:
+        for split in SPLITS:
+            documents = task.documents(split)
+            if not documents:
+                continue
+            path = cleaned.setdefault(split, tmp_dir / f".clean-{split}.jsonl")
+            with path.open("a") as out:
+                for index, doc in enumerate(documents):
+                    out.write(json.dumps({"id": f"{task.domain_name}/{split}/{index}",
+                                          "text": doc.text, "domain": task.domain_name}) + "\n")
+            progress(f"generating {task.domain_name}", len(documents))
+            if split == "train":
+                train_documents[task.domain_name] = documents
+    return train_documents
+
+
+def _measure_synthetic(config: RunConfig, documents: dict[str, list[SyntheticDocument]],
+                       tokenizer: Tokenizer) -> list[dict]:
+    """Where each task's predictable signal lies, measured with the dataset's own tokenizer."""
+    report = []
+    for task in config.data.synthetic:
+        entry = {"task": task.task, "domain": task.domain_name,
+                 "train_documents": task.train_documents, "val_documents": task.val_documents}
+        if task.domain_name in documents:
+            signal = measure_signal(documents[task.domain_name], tokenizer,
+                                    task.local_window_tokens)
+            entry["signal"] = dataclasses.asdict(signal)
+        report.append(entry)
+    return report
 
 
 def _require_documents(train_statistics: list[dict]) -> None:

@@ -46,10 +46,28 @@ def summary_line(split: str, statistics: list[dict]) -> str:
             f"{statistics[-1]['docs_out']:,} kept" + (f" (removed: {removed}…)" if top else ""))
 
 
+def synthetic_lines(report: dict) -> list[str]:
+    """One line per synthetic task: documents, and the share of its signal beyond the window."""
+    lines = []
+    for task in report.get("synthetic", []):
+        line = (f"synthetic {task['task']} → domain {task['domain']}: "
+                f"{task['train_documents']:,} train / {task['val_documents']:,} val documents")
+        signal = task.get("signal")
+        if signal:
+            line += (f"; {signal['fraction_beyond']:.1%} of the predictable signal lies beyond "
+                     f"{signal['local_window_tokens']} tokens")
+            if signal["fraction_beyond"] < 0.8:
+                line += " (below 80%: lengthen values or shorten cues)"
+        lines.append(line)
+    return lines
+
+
 def print_report(console: Console, dataset: DatasetVersion) -> None:
     report = dataset.report
     for split, statistics in report.get("splits", {}).items():
         console.print(step_table(split, statistics))
+    for line in synthetic_lines(report):
+        console.print(line, markup=False, soft_wrap=True)
     for excluded in report.get("excluded_sources", []):
         console.print(f"excluded source {excluded['path']} ({excluded['config_path']}): "
                       f"{excluded['reason']}", markup=False, soft_wrap=True)

@@ -2,9 +2,10 @@
 
 A dataset version is a folder `<workspace>/datasets/<version>/` holding
   tokenizer.json                  the tokenizer the shards were made with
-  <split>-<5 digits>.bin          little-endian token ids (uint16; uint32 for big vocabularies),
-                                  every document followed by the end-of-document token
-  manifest.json                   per shard: file, sha256, tokens, documents, per-domain counts
+  <split>-<domain>-<5 digits>.bin little-endian token ids (uint16; uint32 for big vocabularies),
+                                  every document followed by the end-of-document token; a shard
+                                  holds the documents of one domain
+  manifest.json                   per shard: file, sha256, domain, tokens, documents
   lineage.json                    how it was built (sources and their hashes, config); not hashed
 The version id is the sha256 of the canonical manifest JSON (first 16 hex digits): the same
 tokens and tokenizer always give the same id, and any change gives another one.
@@ -24,7 +25,7 @@ from helox.config import sha256_json
 from helox.errors import HeloxError
 from helox.fileio import sha256_file
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: one series of shards per domain
 VERSION_ID_HEX_DIGITS = 16
 
 
@@ -35,7 +36,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class ShardWriter:
-    """Accumulates tokenized documents of one split and cuts them into shard files.
+    """Accumulates tokenized documents of one split and cuts them into shard files, one series
+    of shards per domain so that the loader can draw each domain at its own rate.
 
     A document never straddles two shards; a shard is closed once it holds `shard_size_tokens`.
     """
@@ -45,10 +47,9 @@ class ShardWriter:
     vocab_size: int
     shard_size_tokens: int
     shards: list[dict] = field(default_factory=list)
-    _pending: list[np.ndarray] = field(default_factory=list)
-    _pending_tokens: int = 0
-    _domain_tokens: Counter = field(default_factory=Counter)
-    _domain_documents: Counter = field(default_factory=Counter)
+    _pending: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _pending_tokens: Counter = field(default_factory=Counter)
+    _shards_per_domain: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.dtype = token_dtype(self.vocab_size)
@@ -56,37 +57,35 @@ class ShardWriter:
 
     def add(self, token_ids: list[int], domain: str) -> None:
         array = np.asarray(token_ids, dtype=self.dtype)
-        self._pending.append(array)
-        self._pending_tokens += len(array)
-        self._domain_tokens[domain] += len(array)
-        self._domain_documents[domain] += 1
-        if self._pending_tokens >= self.shard_size_tokens:
-            self.flush()
+        self._pending.setdefault(domain, []).append(array)
+        self._pending_tokens[domain] += len(array)
+        if self._pending_tokens[domain] >= self.shard_size_tokens:
+            self._flush_domain(domain)
 
     def flush(self) -> None:
-        if not self._pending:
+        for domain in sorted(self._pending):
+            self._flush_domain(domain)
+        self.shards.sort(key=lambda shard: shard["file"])
+
+    def _flush_domain(self, domain: str) -> None:
+        documents = self._pending.pop(domain, [])
+        if not documents:
             return
-        tokens = np.concatenate(self._pending)
-        path = self.out_dir / f"{self.split}-{len(self.shards):05d}.bin"
+        tokens = np.concatenate(documents)
+        path = self.out_dir / f"{self.split}-{domain}-{self._shards_per_domain[domain]:05d}.bin"
         tokens.tofile(path)
         self.token_counts += np.bincount(tokens, minlength=len(self.token_counts))
-        self.shards.append({
-            "file": path.name,
-            "sha256": sha256_file(path),
-            "num_tokens": int(len(tokens)),
-            "num_documents": len(self._pending),
-            "domain_tokens": dict(sorted(self._domain_tokens.items())),
-            "domain_documents": dict(sorted(self._domain_documents.items())),
-        })
-        self._pending, self._pending_tokens = [], 0
-        self._domain_tokens, self._domain_documents = Counter(), Counter()
+        self.shards.append({"file": path.name, "sha256": sha256_file(path), "domain": domain,
+                            "num_tokens": int(len(tokens)), "num_documents": len(documents)})
+        self._shards_per_domain[domain] += 1
+        self._pending_tokens[domain] = 0
 
     def summary(self) -> dict:
         domain_tokens: Counter = Counter()
         domain_documents: Counter = Counter()
         for shard in self.shards:
-            domain_tokens.update(shard["domain_tokens"])
-            domain_documents.update(shard["domain_documents"])
+            domain_tokens[shard["domain"]] += shard["num_tokens"]
+            domain_documents[shard["domain"]] += shard["num_documents"]
         return {
             "num_tokens": sum(s["num_tokens"] for s in self.shards),
             "num_documents": sum(s["num_documents"] for s in self.shards),
@@ -117,6 +116,10 @@ class DatasetVersion:
             raise HeloxError(f"{self.path}: not a dataset version (no manifest.json)",
                              hint="prepare it with `helox data prepare RECIPE`")
         self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != MANIFEST_FORMAT:
+            raise HeloxError(f"{self.path}: dataset format {self.manifest.get('format')}, this "
+                             f"Helox reads format {MANIFEST_FORMAT} (one shard series per domain)",
+                             hint="prepare the dataset again with `helox data prepare RECIPE`")
         self.version = version_id(self.manifest)
 
     @property
@@ -158,8 +161,14 @@ class DatasetVersion:
                              hint="add sources for it to the recipe's data section")
         return self.manifest["splits"][name]
 
-    def shard_paths(self, split: str) -> list[Path]:
-        return [self.path / shard["file"] for shard in self.split(split)["shards"]]
+    def domains(self, split: str) -> list[str]:
+        """Domains with documents in `split`, sorted."""
+        return sorted(self.split(split)["domain_tokens"])
+
+    def shard_paths(self, split: str, domain: str | None = None) -> list[Path]:
+        """Shard files of `split` (of one domain, if given), in file-name order."""
+        return [self.path / shard["file"] for shard in self.split(split)["shards"]
+                if domain is None or shard["domain"] == domain]
 
     def verify(self) -> list[str]:
         """Re-checksum the tokenizer and every shard; return the names of files that differ."""

@@ -54,7 +54,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor):
+    def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
+                mask_B1TT: torch.Tensor | None = None):
+        """cos/sin are (T, E), or (B, 1, T, E) with per-sequence positions; mask_B1TT (True =
+        attend) replaces the causal mask when given."""
         B, T, _ = x_BTD.shape
         q_BHTE = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -65,8 +68,17 @@ class Attention(nn.Module):
             repeats = self.num_heads // self.num_kv_heads
             k_BKTE = k_BKTE.repeat_interleave(repeats, dim=1)
             v_BKTE = v_BKTE.repeat_interleave(repeats, dim=1)
-        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True)
+        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_B1TT,
+                                                is_causal=mask_B1TT is None)
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+
+def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: query i may attend key j when j <= i and both are in one document."""
+    T = doc_ids_BT.shape[1]
+    same_doc_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=doc_ids_BT.device).tril()
+    return (same_doc_BTT & causal_TT)[:, None]
 
 
 class SwiGLU(nn.Module):
@@ -88,8 +100,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TE, sin_TE)
+    def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
+                mask_B1TT: torch.Tensor | None = None):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TE, sin_TE, mask_B1TT)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
@@ -122,15 +135,24 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(param, std=std)
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, T, V) for a batch of token ids (B, T)."""
+    def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
+                doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, V) for a batch of token ids (B, T).
+
+        Packed documents: `position_ids_BT` restarts RoPE positions per document and
+        `doc_ids_BT` limits attention to earlier tokens of the same document."""
         T = tokens_BT.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos_TE, sin_TE = self.rope_cos[:T], self.rope_sin[:T]
+        if position_ids_BT is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[position_ids_BT, None], self.rope_sin[position_ids_BT, None]
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, 1, T, E)
+        mask_B1TT = None if doc_ids_BT is None else document_mask(doc_ids_BT)
         x_BTD = self.embed(tokens_BT)
         for block in self.blocks:
-            x_BTD = block(x_BTD, cos_TE, sin_TE)
+            x_BTD = block(x_BTD, cos, sin, mask_B1TT)
         return self.lm_head(self.norm(x_BTD))
 
     def num_params(self) -> int:

@@ -38,3 +38,58 @@ def tiny_config(workspace: Path, overrides: list[str] = (), **kwargs) -> RunConf
         if problem:
             raise ValueError(problem)
     return validate_config(raw, source="tiny config")
+
+
+def write_mixed_corpus(out_dir: Path, train_per_domain: int = 60, val_per_domain: int = 8,
+                       noise_documents: int = 0, seed: int = 0) -> tuple[Path, Path]:
+    """JSONL train/val files with the first documents of every corpus domain (the bundled
+    files are ordered by domain), plus an optional `noise` domain: tokens drawn uniformly from
+    a 512-token BPE of the other documents, then decoded. Nothing in it is predictable beyond
+    its token frequencies, so its loss stays near where every domain starts (~6 nats) while
+    the text domains' falls: a domain that stays hard."""
+    import json
+    import lzma
+    import random
+
+    from helox.data.tokenizer import train_bpe
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {}
+    for split, per_domain in (("train", train_per_domain), ("val", val_per_domain)):
+        taken: dict[str, list[dict]] = {}
+        with lzma.open(CORPUS / f"{split}.jsonl.xz", "rt") as f:
+            for line in f:
+                doc = json.loads(line)
+                bucket = taken.setdefault(doc["domain"], [])
+                if len(bucket) < per_domain:
+                    bucket.append(doc)
+        splits[split] = [doc for domain in sorted(taken) for doc in taken[domain]]
+    tokenizer = train_bpe((doc["text"] for doc in splits["train"]), 512, 2, "<|endoftext|>")
+    token_ids = range(1, tokenizer.get_vocab_size())  # 0 is the end-of-document token
+    paths = []
+    for split, docs in splits.items():
+        count = noise_documents if split == "train" else -(-noise_documents // 8)
+        for i in range(count):
+            text = tokenizer.decode([rng.choice(token_ids) for _ in range(300)])
+            docs.append({"id": f"noise/{split}/{i}", "text": text, "domain": "noise"})
+        path = out_dir / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def tiny_mixed_config(workspace: Path, overrides: list[str] = (), noise_documents: int = 24,
+                      **corpus_kwargs) -> RunConfig:
+    """The tiny config over every corpus domain (and optionally a `noise` domain)."""
+    train_path, val_path = write_mixed_corpus(workspace / "mixed-corpus",
+                                              noise_documents=noise_documents, **corpus_kwargs)
+    raw = tiny_raw_config(workspace)
+    raw["name"] = "tiny-mixed"
+    raw["data"] = {"name": "tiny-mixed", "train": [{"path": str(train_path)}],
+                   "val": [{"path": str(val_path)}]}
+    for override in overrides:
+        problem = apply_override(raw, override)
+        if problem:
+            raise ValueError(problem)
+    return validate_config(raw, source="tiny mixed config")

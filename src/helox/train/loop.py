@@ -18,7 +18,8 @@ from rich.markup import escape
 from torch import nn
 
 from helox.config import RunConfig, read_saved_config, save_config, sha256_json
-from helox.data.loader import PackedLoader
+from helox.data.loader import (LoaderOptions, MicroBatch, StepBatch, TrainLoader,
+                               fixed_sequences, split_rows)
 from helox.data.shards import DatasetVersion
 from helox.hardware import cpu_has_native_bf16
 from helox.errors import HeloxError
@@ -29,8 +30,9 @@ from helox.train import checkpoint as ckpt
 from helox.train.optim import build_optimizer, lr_at, set_lr
 
 # Config fields that may change when resuming: they do not change the trajectory (compile
-# changes only rounding, and turning it off must stay possible when a compiler breaks).
-RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile"}}
+# changes only rounding, and turning it off must stay possible when a compiler breaks; the data
+# order does not depend on the number of data workers).
+RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers"}}
 
 
 @dataclass
@@ -56,8 +58,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     seed_everything(config.train.seed, config.train.deterministic or device.type == "cpu")
     model = Llama(config.model).to(device)
     optimizer = build_optimizer(model, config.optim)
-    loader = PackedLoader(dataset, "train", config.train.seq_len, config.train.micro_batch_size,
-                          config.train.seed)
+    loader = TrainLoader(dataset, loader_options(config))
+    evaluator = Evaluator(dataset, config, loader)
     run_info = {**run_fingerprint(config.sha256(), dataset.version),
                 "resume_key": resume_key(config, dataset.version),
                 "dataset_path": str(dataset.path),
@@ -68,29 +70,37 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     loss_fn = make_loss_fn(model, device, precision)  # eval stays eager: a second, no-grad
     train_loss_fn = compiled(loss_fn) if config.train.compile else loss_fn  # graph costs a compile
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    tc, grad_accum = config.train, config.train.grad_accum_steps
-    tokens_per_step = grad_accum * tc.micro_batch_size * tc.seq_len
+    tc = config.train
     last_step = min(tc.max_steps, until_step or tc.max_steps)
     step, loss, val_loss, saved = start_step, None, None, None
-    announce(console, model, device, precision, config, start_step, last_step, tokens_per_step,
-             run_dir)
+    announce(console, model, device, precision, config, start_step, last_step, loader, run_dir)
     with StepProgress(console, tc.max_steps, start_step) as progress:
         while step < last_step:
-            lr = lr_at(step, config.optim, tc.max_steps)
+            lr = lr_at(step, config.optim, tc.max_steps) * loader.curriculum.lr_factor(step)
             set_lr(optimizer, lr)
             started = time.perf_counter()
-            batches = [loader.next_batch() for _ in range(grad_accum)]
-            loss, grad_norm = train_step(train_loss_fn, model, optimizer, batches,
+            batch = loader.next_step()
+            loss, grad_norm = train_step(train_loss_fn, model, optimizer,
+                                         batch.micro_batches(micro_rows(config, batch)),
                                          config.optim.grad_clip_norm)
-            tokens_per_s = tokens_per_step / (time.perf_counter() - started)
+            tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
             step += 1
             metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": round(tokens_per_s, 1),
-                           "tokens_seen": step * tokens_per_step, "epoch": loader.epoch})
+                           **data_metrics(loader, batch)})
             step_val_loss = None
             if tc.eval_every_steps and (step % tc.eval_every_steps == 0 or step == tc.max_steps):
-                val_loss = step_val_loss = evaluate(loss_fn, model, dataset, config)
-                metrics.write({"step": step, "val_loss": val_loss})
+                val_loss, by_domain = evaluator.losses(loss_fn, model, "eval")
+                step_val_loss = val_loss
+                metrics.write({"step": step, "val_loss": val_loss,
+                               **{f"val_loss.{d}": v for d, v in by_domain.items()}})
+            if loader.rebalance_due(step):
+                _, by_domain = evaluator.losses(loss_fn, model, "rebalance")
+                weights = loader.rebalance(step, by_domain)
+                metrics.write({"step": step, "event": "rebalance",
+                               **{f"rebalance_loss.{d}": v for d, v in by_domain.items()},
+                               **{f"rebalance_weight.{d}": w
+                                  for d, w in zip(loader.domains, weights)}})
             if step % config.checkpoint.every_steps == 0 or step == last_step:
                 state = {"rng": rng_state(), "loader": loader.state_dict()}
                 saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config,
@@ -98,38 +108,74 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                              extra_files={"tokenizer.json": dataset.tokenizer_path})
             progress.update(step, loss, tokens_per_s, step_val_loss)
     metrics.close()
+    loader.close()
     return TrainResult(run_dir, step, start_step or None, loss, val_loss, saved)
 
 
 def announce(console: Console, model: Llama, device: torch.device, precision: str,
-             config: RunConfig, start_step: int, last_step: int, tokens_per_step: int,
+             config: RunConfig, start_step: int, last_step: int, loader: TrainLoader,
              run_dir: Path) -> None:
     tc = config.train
     if start_step >= last_step:
         console.print(f"nothing to train: {run_dir} is at step {start_step} (stopping at "
                       f"{last_step}; train.max_steps={tc.max_steps})", soft_wrap=True)
         return
+    tokens_per_step = loader.curriculum.batch_blocks(start_step) * tc.seq_len
     console.print(f"training {model.num_params():,} parameters on {device} ({precision}"
                   f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
                   f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
                   soft_wrap=True)
+    if loader.spec.weighted:
+        weights = loader.weights_for(start_step)
+        mix = ", ".join(f"{d} {w:.2f}" for d, w in zip(loader.domains, weights))
+        console.print(f"domain mixture: {mix}"
+                      f"{' (rebalanced online)' if loader.rebalancer else ''}", soft_wrap=True)
     if tc.compile:
         console.print("compiling the first step (~30 s on 2 CPU cores the first time, seconds "
                       "once cached; --set train.compile=false skips it)", soft_wrap=True)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(inputs_BT, targets_BT) -> summed next-token cross-entropy over the batch, a scalar."""
+def loader_options(config: RunConfig) -> LoaderOptions:
+    tc = config.train
+    return LoaderOptions(block_len=tc.seq_len, micro_batch_size=tc.micro_batch_size,
+                         grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
+                         max_steps=tc.max_steps, num_workers=tc.data_workers,
+                         document_masking=tc.document_masking, mixture=config.mixture,
+                         curriculum=config.curriculum)
+
+
+def micro_rows(config: RunConfig, batch: StepBatch) -> int:
+    """Sequences per micro-batch: micro_batch_size blocks, cut to the step's length."""
+    return config.train.micro_batch_size * (config.train.seq_len // batch.seq_len)
+
+
+def data_metrics(loader: TrainLoader, batch: StepBatch) -> dict:
+    """What the loader fed this step: shape, tokens so far, and the mixture."""
+    record = {"seq_len": batch.seq_len, "batch_sequences": batch.num_rows,
+              "tokens_seen": loader.curriculum.tokens_before(batch.step + 1)}
+    if not loader.spec.weighted:
+        return record | {"epoch": batch.state["epochs"][0]}
+    for domain, weight, share in zip(loader.domains, loader.weights_for(batch.step),
+                                     loader.realised_shares()):
+        record[f"mix_weight.{domain}"] = round(weight, 6)
+        record[f"mix_share.{domain}"] = round(share, 6)
+    return record
+
+
+LossFn = Callable[[MicroBatch], torch.Tensor]
+"""A micro-batch -> summed next-token cross-entropy over its target tokens, a scalar."""
 
 
 def make_loss_fn(model: nn.Module, device: torch.device, precision: str) -> LossFn:
     """Forward in the run's precision (bf16 autocast keeps fp32 master weights and optimizer
     state) and the cross-entropy in fp32."""
 
-    def loss_sum(inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    def loss_sum(batch: MicroBatch) -> torch.Tensor:
+        inputs_BT, targets_BT, positions_BT, doc_ids_BT = (
+            None if t is None else t.to(device, non_blocking=True) for t in batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits_BTV = model(inputs_BT.to(device))
-        return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.to(device).flatten(),
+            logits_BTV = model(inputs_BT, positions_BT, doc_ids_BT)
+        return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
                                reduction="sum")
 
     return loss_sum
@@ -141,9 +187,9 @@ def compiled(loss_fn: LossFn) -> LossFn:
     A compiler failure becomes a HeloxError that says how to run without it."""
     compiled_fn = torch.compile(loss_fn)
 
-    def call(inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    def call(batch: MicroBatch) -> torch.Tensor:
         try:
-            return compiled_fn(inputs_BT, targets_BT)
+            return compiled_fn(batch)
         except Exception as exc:
             if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise HeloxError(f"torch.compile failed: {type(exc).__name__}: "
@@ -156,17 +202,16 @@ def compiled(loss_fn: LossFn) -> LossFn:
 
 
 def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: list[tuple[torch.Tensor, torch.Tensor]], clip_norm: float | None,
-               ) -> tuple[float, float]:
+               batches: list[MicroBatch], clip_norm: float | None) -> tuple[float, float]:
     """One optimizer step over the micro-batches; returns (mean loss per target token, grad norm).
 
     The loss is summed over tokens and divided by the target tokens of *all* micro-batches, so
     accumulation gives the same gradient as one big batch whatever the micro-batch split.
     """
-    num_targets = sum(targets_BT.numel() for _, targets_BT in batches)
+    num_targets = sum(batch.targets.numel() for batch in batches)
     loss_total = None
-    for inputs_BT, targets_BT in batches:
-        loss = loss_fn(inputs_BT, targets_BT) / num_targets
+    for batch in batches:
+        loss = loss_fn(batch) / num_targets
         loss.backward()
         loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -180,21 +225,48 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     return loss_value, norm_value
 
 
-@torch.no_grad()
-def evaluate(loss_fn: LossFn, model: nn.Module, dataset: DatasetVersion,
-             config: RunConfig) -> float:
-    """Mean loss per token over the first train.eval_batches batches of the validation split."""
-    tc = config.train
-    loader = PackedLoader(dataset, "val", tc.seq_len, tc.micro_batch_size, tc.seed, shuffle=False)
-    num_batches = min(tc.eval_batches, loader.num_blocks // tc.micro_batch_size)
-    model.eval()
-    loss_sum, num_tokens = 0.0, 0
-    for _ in range(num_batches):
-        inputs_BT, targets_BT = loader.next_batch()
-        loss_sum += loss_fn(inputs_BT, targets_BT).item()
-        num_tokens += targets_BT.numel()
-    model.train()
-    return loss_sum / num_tokens
+class Evaluator:
+    """Validation loss on fixed sequences of every validation domain: `eval` shares
+    train.eval_batches micro-batches evenly among the domains; `rebalance` scores
+    mixture.rebalance.eval_sequences per domain. Sequences are read once and kept."""
+
+    def __init__(self, dataset: DatasetVersion, config: RunConfig, loader: TrainLoader):
+        self.dataset, self.config = dataset, config
+        self._sets: dict[str, dict[str, MicroBatch]] = {}
+        if loader.rebalancer is not None:
+            missing = loader.val_streams_missing()
+            if missing:
+                raise HeloxError(f"mixture.rebalance needs validation data of every weighted "
+                                 f"domain; dataset {dataset.version} has none for {missing}",
+                                 hint="add validation sources for them, or weight them 0")
+
+    def losses(self, loss_fn: LossFn, model: nn.Module, purpose: str,
+               ) -> tuple[float, dict[str, float]]:
+        """(mean loss per token over all sequences, mean loss per token of each domain)."""
+        sets = self._sequences(purpose)
+        rows = self.config.train.micro_batch_size
+        sums, counts = {}, {}
+        model.eval()
+        with torch.no_grad():
+            for domain, data in sets.items():
+                batches = split_rows(data, rows)
+                sums[domain] = sum(loss_fn(batch).item() for batch in batches)
+                counts[domain] = data.targets.numel()
+        model.train()
+        overall = sum(sums.values()) / sum(counts.values())
+        return overall, {d: sums[d] / counts[d] for d in sums}
+
+    def _sequences(self, purpose: str) -> dict[str, MicroBatch]:
+        if purpose not in self._sets:
+            tc = self.config.train
+            if purpose == "eval":
+                domains = max(1, len(self.dataset.domains("val")))
+                per_domain = -(-tc.eval_batches * tc.micro_batch_size // domains)
+            else:
+                per_domain = self.config.mixture.rebalance.eval_sequences
+            self._sets[purpose] = fixed_sequences(self.dataset, "val", tc.seq_len, per_domain,
+                                                  tc.document_masking)
+        return self._sets[purpose]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +310,8 @@ def resume_key(config: RunConfig, dataset_version: str) -> str:
 
 
 def _trajectory_config(config: RunConfig) -> dict:
-    sections = config.model_dump(mode="json", include={"model", "train", "optim"})
+    sections = config.model_dump(mode="json", include={"model", "train", "optim", "mixture",
+                                                        "curriculum"})
     for section, fields in RESUMABLE_CHANGES.items():
         for name in fields:
             sections[section].pop(name, None)
@@ -246,7 +319,7 @@ def _trajectory_config(config: RunConfig) -> dict:
 
 
 def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
-           optimizer: torch.optim.Optimizer, loader: PackedLoader, console: Console) -> int:
+           optimizer: torch.optim.Optimizer, loader: TrainLoader, console: Console) -> int:
     """Load the newest valid checkpoint of `run_dir` into the objects; return its step (or 0)."""
     ckpt.remove_stale_temporaries(run_dir)
     restored = ckpt.load_newest_valid(
