@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from helox.config import ConfigError, apply_override, load_config
+from helox.config import (ConfigError, apply_override, load_config, read_saved_config,
+                          save_config)
 from helox.testing.tiny import QUICKSTART, tiny_raw_config
 
 
@@ -90,3 +93,19 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("recipe", sorted(QUICKSTART.parent.glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_recipe_loads_and_its_saved_config_reads_back(recipe, tmp_path):
+    config = load_config(recipe)
+    save_config(config, tmp_path / "config.yaml")  # what run folders and checkpoints hold
+    assert read_saved_config(tmp_path / "config.yaml") == config
+
+
+def test_missing_lists_are_created_by_index_overrides():
+    raw = tiny_raw_config(Path("ws"))
+    assert apply_override(raw, "data.synthetic.0.task=passkey") is None
+    assert apply_override(raw, "data.synthetic.1.task=kv_recall") is None
+    assert raw["data"]["synthetic"] == [{"task": "passkey"}, {"task": "kv_recall"}]
+    assert apply_override(raw, "data.synthetic.5.task=x") is not None

@@ -6,7 +6,7 @@ from helox.data.prepare import prepare_dataset
 from helox.data.shards import DatasetVersion
 from helox.data.sources import read_documents
 from helox.data.tokenizer import load_tokenizer
-from helox.testing.tiny import tiny_config
+from helox.testing.tiny import tiny_config, tiny_mixed_config
 
 
 def test_manifest_counts_match_the_documents(tiny_dataset, workspace):
@@ -67,3 +67,21 @@ def test_given_tokenizer_json_is_used(tiny_dataset, tmp_path):
 def test_unigram_entropy_is_recorded(tiny_dataset):
     entropy = tiny_dataset.manifest["stats"]["unigram_entropy_nats"]
     assert 3.0 < entropy < np.log(tiny_dataset.vocab_size)
+
+
+def test_synthetic_tasks_skip_the_pipeline_into_their_own_domain(tmp_path):
+    config = tiny_mixed_config(tmp_path, [
+        "data.synthetic.0.task=passkey", "data.synthetic.0.train_documents=60",
+        "data.synthetic.0.val_documents=4", "data.pipeline.0={step: quality}"])
+    dataset = prepare_dataset(config)
+    assert "synthetic_passkey" in dataset.domains("train")
+    assert dataset.split("train")["domain_documents"]["synthetic_passkey"] == 60
+    assert dataset.split("val")["domain_documents"]["synthetic_passkey"] == 4
+    quality = dataset.report["splits"]["train"][-1]
+    assert quality["step"] == "quality" and quality["docs_out"] < quality["docs_in"]
+    assert quality["docs_in"] == sum(n for d, n in dataset.split("train")[
+        "domain_documents"].items() if d != "synthetic_passkey") + sum(
+        quality["dropped"].values())  # the quality rules never saw the synthetic documents
+    (task,) = dataset.report["synthetic"]
+    assert task["domain"] == "synthetic_passkey" and task["signal"]["local_window_tokens"] == 64
+    assert task["signal"]["fraction_beyond"] > 0.8  # measured with the dataset's tokenizer

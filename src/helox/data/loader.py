@@ -125,6 +125,13 @@ class MicroBatch(NamedTuple):
     """Document index within the row (N, T); None: attend across documents."""
 
 
+    @classmethod
+    def from_stacked(cls, tokens_KNT: torch.Tensor) -> MicroBatch:
+        """Views of a (2 or 4, N, T) stack: inputs, targets[, position ids, document ids]."""
+        fields = list(tokens_KNT.unbind(0))
+        return cls(*fields) if len(fields) == 4 else cls(fields[0], fields[1])
+
+
 @dataclass
 class StepBatch:
     """This rank's sequences for one optimizer step."""
@@ -132,23 +139,29 @@ class StepBatch:
     step: int
     """Optimizer steps completed before this batch (0-based index of the update)."""
     seq_len: int
-    data: MicroBatch
-    domains: torch.Tensor
-    """Stream index of every row (N,)."""
+    tokens_KNT: torch.Tensor
+    """Inputs, targets (and with document masking, position and document ids) stacked in one
+    tensor: a DataLoader worker hands over one shared-memory block per batch, not four."""
+    domains: tuple[int, ...]
+    """Stream index of every row."""
     state: dict
     """Planner state after this step: what a checkpoint stores to resume after it."""
 
     @property
+    def data(self) -> MicroBatch:
+        return MicroBatch.from_stacked(self.tokens_KNT)
+
+    @property
     def num_rows(self) -> int:
-        return self.data.inputs.shape[0]
+        return self.tokens_KNT.shape[1]
 
     def micro_batches(self, rows: int) -> list[MicroBatch]:
         """Consecutive slices of at most `rows` sequences."""
         return split_rows(self.data, rows)
 
     def pin_memory(self) -> StepBatch:
-        pinned = MicroBatch(*(None if t is None else t.pin_memory() for t in self.data))
-        return StepBatch(self.step, self.seq_len, pinned, self.domains, self.state)
+        return StepBatch(self.step, self.seq_len, self.tokens_KNT.pin_memory(), self.domains,
+                         self.state)
 
 
 def split_rows(data: MicroBatch, rows: int) -> list[MicroBatch]:
@@ -157,15 +170,16 @@ def split_rows(data: MicroBatch, rows: int) -> list[MicroBatch]:
             for i in range(0, data.inputs.shape[0], rows)]
 
 
-def pack(rows_NL1: np.ndarray, seq_len: int, eos_id: int, document_masking: bool) -> MicroBatch:
-    """Cut blocks of L + 1 tokens into sequences of `seq_len` (+ next-token targets)."""
-    inputs_NT = np.ascontiguousarray(rows_NL1[:, :-1]).reshape(-1, seq_len)
-    targets_NT = np.ascontiguousarray(rows_NL1[:, 1:]).reshape(-1, seq_len)
-    if not document_masking:
-        return MicroBatch(torch.from_numpy(inputs_NT), torch.from_numpy(targets_NT))
-    positions_NT, doc_ids_NT = document_positions(inputs_NT, eos_id)
-    return MicroBatch(torch.from_numpy(inputs_NT), torch.from_numpy(targets_NT),
-                      torch.from_numpy(positions_NT), torch.from_numpy(doc_ids_NT))
+def pack(rows_NL1: np.ndarray, seq_len: int, eos_id: int, document_masking: bool) -> torch.Tensor:
+    """Cut blocks of L + 1 tokens into sequences of `seq_len` and their next-token targets;
+    returns the (2 or 4, N, T) stack of StepBatch.tokens_KNT."""
+    num_rows = rows_NL1.shape[0] * ((rows_NL1.shape[1] - 1) // seq_len)
+    out_KNT = np.empty((4 if document_masking else 2, num_rows, seq_len), dtype=np.int64)
+    out_KNT[0] = rows_NL1[:, :-1].reshape(num_rows, seq_len)
+    out_KNT[1] = rows_NL1[:, 1:].reshape(num_rows, seq_len)
+    if document_masking:
+        out_KNT[2], out_KNT[3] = document_positions(out_KNT[0], eos_id)
+    return torch.from_numpy(out_KNT)
 
 
 def document_positions(inputs_NT: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -407,10 +421,10 @@ class PackedSequences(IterableDataset):
     def _materialise(self, reader: BlockReader, plan: StepPlan, state: dict) -> StepBatch:
         spec = self.spec
         mine = plan.picks[rank_slice(len(plan.picks), spec.rank, spec.world_size)]
-        data = pack(reader.blocks(mine), plan.seq_len, spec.eos_id, spec.document_masking)
+        tokens_KNT = pack(reader.blocks(mine), plan.seq_len, spec.eos_id, spec.document_masking)
         pieces = spec.block_len // plan.seq_len
-        domains = torch.tensor([stream for stream, _ in mine]).repeat_interleave(pieces)
-        return StepBatch(plan.step, plan.seq_len, data, domains, state)
+        domains = tuple(stream for stream, _ in mine for _ in range(pieces))
+        return StepBatch(plan.step, plan.seq_len, tokens_KNT, domains, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,5 +666,6 @@ def fixed_sequences(dataset: DatasetVersion, split: str, block_len: int, per_dom
         count = min(per_domain, stream.num_blocks)
         if count:
             rows = reader.blocks([(index, b) for b in range(count)])
-            out[stream.name] = pack(rows, block_len, dataset.eos_id, document_masking)
+            out[stream.name] = MicroBatch.from_stacked(
+                pack(rows, block_len, dataset.eos_id, document_masking))
     return out

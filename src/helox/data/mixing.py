@@ -22,6 +22,7 @@ import math
 from pydantic import Field, model_validator
 
 from helox.configbase import StrictModel
+from helox.errors import HeloxError
 
 
 class RebalanceConfig(StrictModel):
@@ -30,7 +31,8 @@ class RebalanceConfig(StrictModel):
     learning_rate: float = Field(default=1.0, gt=0)
     """Step size of the exponentiated-gradient update (DoReMi uses 1)."""
     floor: float = Field(default=0.02, ge=0, lt=1)
-    """Minimum weight of every rebalanced domain."""
+    """Minimum weight of every rebalanced domain. It applies from the first step: the n
+    rebalanced domains start at (1 − n·floor)·weight + floor (DoReMi's smoothing)."""
     eval_sequences: int = Field(default=16, gt=0)
     """Validation sequences of each domain scored per update (always the same ones)."""
     reference_loss: dict[str, float] = {}
@@ -76,8 +78,9 @@ class Rebalancer:
         self.config, self.domains = config, domains
         self.active = [i for i, w in enumerate(weights) if w > 0]
         if config.floor * len(self.active) >= 1:
-            raise ValueError(f"rebalance floor {config.floor} × {len(self.active)} domains "
-                             "leaves nothing to rebalance; lower the floor")
+            raise HeloxError(f"mixture.rebalance.floor {config.floor} × {len(self.active)} "
+                             "domains leaves no weight to rebalance",
+                             hint=f"set the floor below {1 / len(self.active):.3g}")
         self.log_alpha = [math.log(w) if w > 0 else -math.inf for w in weights]
         self.updates = 0
 
@@ -105,6 +108,7 @@ class Rebalancer:
 
     def load_state_dict(self, state: dict) -> None:
         if state["domains"] != self.domains:
-            raise ValueError(f"saved rebalancer covers domains {state['domains']}, this run has "
-                             f"{self.domains}")
+            raise HeloxError(f"cannot resume the mixture: the checkpoint rebalances domains "
+                             f"{state['domains']}, this run has {self.domains}",
+                             hint="resume with the dataset the checkpoint was written with")
         self.log_alpha, self.updates = list(state["log_alpha"]), state["updates"]

@@ -363,9 +363,11 @@ class SyntheticTaskConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> SyntheticTaskConfig:
+        # A knob at its default is harmless (saved configs write every field out).
         problems = [f"{knob} applies to task {task}, not {self.task}; remove it"
                     for task, knobs in TASK_KNOBS.items() if task != self.task
-                    for knob in knobs if knob in self.model_fields_set]
+                    for knob in knobs
+                    if getattr(self, knob) != type(self).model_fields[knob].default]
         if self.context_words <= self.local_window_tokens:
             problems.append(f"context_words ({self.context_words}) must be more than "
                             f"local_window_tokens ({self.local_window_tokens}): a document starts "
