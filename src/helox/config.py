@@ -200,10 +200,22 @@ class TrainConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """AdamW (fused), or Adafactor (torch.optim.Adafactor: factored second moments and no first
+    moment, so ~no optimizer memory for matrices; beta1, beta2 and eps do not apply, and its
+    step is relative to each parameter's RMS, capped by the scheduled lr)."""
     lr: float = Field(default=3e-3, gt=0)
     """Peak learning rate, reached at the end of warmup."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay to lr * min_lr_ratio at the last step; WSD (warmup-stable-
+    decay: lr until the last decay_fraction of the steps, then down to lr * min_lr_ratio); or
+    constant lr."""
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
-    """Cosine decay ends at lr * min_lr_ratio."""
+    """Cosine and WSD decay end at lr * min_lr_ratio."""
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    """WSD: share of train.max_steps spent decaying (Hägele et al. 2024 use 0.1-0.2)."""
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    """WSD: the decay's shape; 1-sqrt (lr factor 1 − √progress) beat linear in Hägele et al."""
     warmup_steps: int = Field(default=100, ge=0)
     """Linear warmup steps from 0 to lr."""
     weight_decay: float = Field(default=0.1, ge=0)
@@ -317,6 +329,12 @@ def _cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
     if config.mixture.rebalance and not (config.data.val or config.data.version):
         problems.append(("data.val", "mixture.rebalance scores every domain on validation "
                                      "data; add validation sources"))
+    optim = config.optim
+    decay_steps = max(1, round(optim.decay_fraction * config.train.max_steps))
+    if optim.schedule == "wsd" and optim.warmup_steps + decay_steps > config.train.max_steps:
+        problems.append(("optim.decay_fraction", f"warmup ({optim.warmup_steps}) and WSD decay "
+                                                 f"({decay_steps} steps) exceed train.max_steps "
+                                                 f"({config.train.max_steps})"))
     if config.optim.warmup_steps >= config.train.max_steps:
         problems.append(("optim.warmup_steps", f"{config.optim.warmup_steps} must be below "
                                                f"train.max_steps ({config.train.max_steps})"))

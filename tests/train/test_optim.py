@@ -30,3 +30,31 @@ def test_weight_decay_only_on_matrices_that_are_not_embeddings():
     assert {names[id(p)] for p in plain["params"]} == {
         "embed.weight", "blocks.0.attn_norm.weight", "blocks.0.mlp_norm.weight", "norm.weight"}
     assert len(decayed["params"]) == 7  # q, k, v, o, gate, up, down
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_is_flat_then_decays_to_min_lr_over_the_last_fraction(shape):
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd",
+                      decay_fraction=0.2, decay_shape=shape)
+    lrs = [lr_at(step, cfg, max_steps=100) for step in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10:80] == [1.0] * 70  # stable until the last 20 steps
+    progress = [(s - 80 + 1) / 20 for s in range(80, 100)]
+    factor = [1 - p if shape == "linear" else 1 - math.sqrt(p) for p in progress]
+    assert lrs[80:] == pytest.approx([0.1 + 0.9 * f for f in factor])
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_constant_schedule_holds_the_peak_after_warmup():
+    cfg = OptimConfig(lr=0.5, warmup_steps=4, schedule="constant")
+    assert [lr_at(s, cfg, 20) for s in (0, 3, 4, 19)] == pytest.approx([0.125, 0.5, 0.5, 0.5])
+
+
+def test_adafactor_is_torchs_with_the_same_decay_groups():
+    import torch
+
+    model = Llama(ModelConfig(vocab_size=50, d_model=16, num_layers=1, num_heads=2,
+                              max_seq_len=8))
+    optimizer = build_optimizer(model, OptimConfig(optimizer="adafactor", weight_decay=0.1))
+    assert isinstance(optimizer, torch.optim.Adafactor)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
