@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from helox.data.prepare import prepare_dataset
-from helox.testing.tiny import tiny_config, tiny_mixed_config
+from helox.testing.tiny import CORPUS, tiny_config, tiny_mixed_config
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,3 +34,13 @@ def mixed_workspace(tmp_path_factory):
 def mixed_dataset(mixed_workspace):
     """Every corpus domain plus a `noise` domain of random letters (hard to learn)."""
     return prepare_dataset(tiny_mixed_config(mixed_workspace))
+
+
+@pytest.fixture(scope="session")
+def extra_dataset(mixed_workspace, mixed_dataset):
+    """Another dataset in the mixed workspace, named `extra`, with the mixed dataset's
+    tokenizer: something to inject."""
+    config = tiny_config(mixed_workspace, [  # validation documents: none is in mixed's train
+        "data.name=extra", f"data.train.0.path={CORPUS / 'val.jsonl.xz'}",
+        "data.train.0.max_documents=40", f"tokenizer.path={mixed_dataset.tokenizer_path}"])
+    return prepare_dataset(config)

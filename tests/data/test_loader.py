@@ -299,3 +299,30 @@ def test_unknown_or_missing_domain_weights_are_refused(mixed_dataset):
 def test_too_little_data_for_one_batch_is_refused(tiny_dataset):
     with pytest.raises(HeloxError, match="fewer than one batch"):
         TrainLoader(tiny_dataset, options(micro_batch_size=10**6))
+
+
+def test_another_dataset_is_injected_as_a_stream_of_its_own(mixed_dataset, extra_dataset):
+    curriculum = CurriculumConfig(inject=[{"from_step": 2, "dataset": "extra", "weight": 0.25}])
+    loader = TrainLoader(mixed_dataset, options(curriculum=curriculum),
+                         injected={"extra": extra_dataset})
+    extra = loader.domains.index("extra")
+    batches = drive(loader, 6)
+    assert [b.domains.count(extra) for b in batches] == [0, 0, 2, 2, 2, 2]
+    extra_blocks = all_blocks(extra_dataset)
+    for batch in batches[2:]:
+        for row, stream in zip(rows(batch), batch.domains):
+            assert (row in extra_blocks) == (stream == extra)
+    assert loader.state_dict()["injected_versions"] == {"extra": extra_dataset.version}
+
+
+def test_a_dataset_with_another_tokenizer_cannot_be_injected(mixed_dataset, tiny_dataset):
+    curriculum = CurriculumConfig(inject=[{"from_step": 0, "dataset": "tiny", "weight": 0.5}])
+    with pytest.raises(HeloxError, match="tokenized with another tokenizer") as exc_info:
+        TrainLoader(mixed_dataset, options(curriculum=curriculum),
+                    injected={"tiny": tiny_dataset})
+    assert str(mixed_dataset.tokenizer_path) in exc_info.value.hint
+
+
+def test_an_injection_names_a_domain_or_a_dataset():
+    with pytest.raises(ValueError, match="exactly one of `domain` or `dataset`"):
+        CurriculumConfig(inject=[{"from_step": 0, "domain": "a", "dataset": "b", "weight": 0.1}])

@@ -1,6 +1,8 @@
 """The loader's schedules seen from training: curriculum steps in metrics.jsonl, rebalancing
 toward a hard domain, and exact resume with both active."""
 
+import json
+
 import pytest
 from rich.console import Console
 
@@ -79,3 +81,14 @@ def without_speed(run_dir) -> list[dict]:
     """Every metric but tokens/s (wall-clock): losses, weights, shares, curriculum fields."""
     return [{k: v for k, v in r.items() if k != "tokens_per_s"}
             for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_a_named_dataset_is_injected_and_pinned_for_resume(mixed_dataset, mixed_workspace,
+                                                          extra_dataset, tmp_path):
+    config = mixed_config(mixed_workspace, [
+        "train.max_steps=6", "train.eval_every_steps=0",
+        "curriculum.inject=[{from_step: 3, dataset: extra, weight: 0.5}]"])
+    train(config, tmp_path / "run", mixed_dataset, console=Console(quiet=True))
+    run_info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_info["injected_datasets"] == {"extra": extra_dataset.version}
+    assert [r["mix_weight.extra"] for r in step_records(tmp_path / "run")] == [0] * 3 + [0.5] * 3

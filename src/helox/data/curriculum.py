@@ -13,8 +13,8 @@ stage the defaults of `train` apply):
               (`none`: GPT-3 ramps the batch under an unchanged LR schedule), 0.5 (`sqrt`: the
               square-root rule for Adam, Malladi et al. 2022) or 1 (`linear`: Goyal et al. 2017,
               for SGD).
-  inject      a domain mixed in from a step with a fixed share of the sequences; the other
-              domains share the rest in their own proportions.
+  inject      a domain, or another prepared dataset, mixed in from a step with a fixed share of
+              the sequences; the other domains share the rest in their own proportions.
 Being pure, the curriculum needs no checkpoint state: the step the checkpoint holds is enough.
 """
 
@@ -44,11 +44,25 @@ class BatchStage(StrictModel):
 
 class InjectionStage(StrictModel):
     from_step: int = Field(ge=0)
-    """Optimizer steps completed before the domain is mixed in."""
-    domain: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    """A domain of the training split (for example a synthetic task's domain)."""
+    """Optimizer steps completed before the data is mixed in."""
+    domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """A domain of the training split (for example a synthetic task's domain)..."""
+    dataset: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """...or another prepared dataset of the workspace, by name (its head version) or version
+    id; it must use the run's tokenizer. Its training split becomes one stream of that name."""
     weight: float = Field(gt=0, lt=1)
     """Share of the sequences drawn from it once it is mixed in."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InjectionStage:
+        if (self.domain is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `domain` or `dataset`")
+        return self
+
+    @property
+    def stream(self) -> str:
+        """The stream it feeds: the domain, or the dataset as written."""
+        return self.domain or self.dataset
 
 
 class CurriculumConfig(StrictModel):
@@ -68,9 +82,9 @@ class CurriculumConfig(StrictModel):
             if steps != sorted(set(steps)):
                 raise ValueError(f"{name} stages must have strictly increasing from_step, got "
                                  f"{steps}")
-        domains = [stage.domain for stage in self.inject]
-        if len(domains) != len(set(domains)):
-            raise ValueError(f"a domain is injected twice: {domains}")
+        streams = [stage.stream for stage in self.inject]
+        if len(streams) != len(set(streams)):
+            raise ValueError(f"a domain or dataset is injected twice: {streams}")
         if sum(stage.weight for stage in self.inject) >= 1:
             raise ValueError("injected weights must sum to less than 1, leaving room for the "
                              "other domains")
@@ -119,8 +133,8 @@ class Curriculum:
         return (self.batch_blocks(step) / self.full_batch) ** power
 
     def injected(self, step: int) -> dict[str, float]:
-        """Domains mixed in at `step` and their shares."""
-        return {s.domain: s.weight for s in self.config.inject if step >= s.from_step}
+        """Streams (domains or datasets) mixed in at `step` and their shares."""
+        return {s.stream: s.weight for s in self.config.inject if step >= s.from_step}
 
     def tokens_before(self, step: int) -> int:
         """Training tokens (inputs) consumed by the updates before `step`."""

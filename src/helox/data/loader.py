@@ -80,6 +80,23 @@ def split_streams(dataset: DatasetVersion, split: str, block_len: int) -> list[S
     return streams
 
 
+def injected_stream(dataset: DatasetVersion, name: str, other: DatasetVersion,
+                    block_len: int) -> Stream:
+    """Another dataset's training split as one stream (all its domains pooled)."""
+    if name in dataset.domains("train"):
+        raise HeloxError(f"curriculum.inject dataset '{name}' has the name of a domain of "
+                         f"dataset {dataset.version}",
+                         hint="inject the domain with `domain:` instead, or rename the dataset")
+    if other.manifest["tokenizer"]["sha256"] != dataset.manifest["tokenizer"]["sha256"]:
+        raise HeloxError(f"dataset {other.version} ('{name}') was tokenized with another "
+                         f"tokenizer than the run's dataset {dataset.version}",
+                         hint=f"prepare '{name}' with tokenizer.path set to "
+                              f"{dataset.tokenizer_path}")
+    shards = other.split("train")["shards"]
+    return Stream(name, tuple(str(other.path / s["file"]) for s in shards),
+                  tuple(max(0, (s["num_tokens"] - 1) // block_len) for s in shards))
+
+
 class BlockReader:
     """Reads blocks from memory-mapped shards. Maps are opened on first use, in the process that
     reads (a pickled np.memmap would be copied into every worker)."""
@@ -456,17 +473,23 @@ class TrainLoader:
     """Batches for the training loop, the mixture's rebalancing, and the resumable state."""
 
     def __init__(self, dataset: DatasetVersion, options: LoaderOptions, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, injected: dict[str, DatasetVersion] | None = None):
+        """`injected`: the datasets that curriculum.inject names, opened by the caller (who
+        checks access); each one's training split becomes a stream of that name."""
         self.dataset, self.options = dataset, options
+        self.injected = dict(injected or {})
         self._board: WeightsBoard | None = None
         self._iterator = None
         self._loader: DataLoader | None = None
         streams = split_streams(dataset, "train", options.block_len)
+        streams += [injected_stream(dataset, name, other, options.block_len)
+                    for name, other in self.injected.items()]
         self.domains = [s.name for s in streams]
         _check_shape(options, world_size)
         self.spec = LoaderSpec(tuple(streams), options.block_len, dataset.dtype.str,
                                dataset.eos_id, options.seed, dataset.version, options.shuffle,
-                               options.mixture.weighted, options.curriculum, options.full_batch,
+                               options.mixture.weighted or bool(options.curriculum.inject),
+                               options.curriculum, options.full_batch,
                                options.document_masking, rank, world_size)
         self.curriculum = Curriculum(options.curriculum, options.block_len, options.full_batch)
         _check_domain_names(self.domains, options)
@@ -580,7 +603,9 @@ class TrainLoader:
                 "rebalancer": self.rebalancer.state_dict() if self.rebalancer else None}
 
     def _identity(self) -> dict:
-        return {"dataset_version": self.spec.dataset_version, "block_len": self.spec.block_len,
+        return {"dataset_version": self.spec.dataset_version,
+                "injected_versions": {n: d.version for n, d in self.injected.items()},
+                "block_len": self.spec.block_len,
                 "seed": self.spec.seed, "shuffle": self.spec.shuffle, "domains": self.domains,
                 "weighted": self.spec.weighted}
 
@@ -603,7 +628,7 @@ class TrainLoader:
         self.close()
 
     def _initial_weights(self, streams: list[Stream]) -> list[float]:
-        injected = {s.domain for s in self.options.curriculum.inject}
+        injected = {s.stream for s in self.options.curriculum.inject}
         natural = {s.name: s.num_blocks for s in streams}
         return initial_weights(self.options.mixture, self.domains, natural, injected)
 
@@ -617,7 +642,7 @@ def _check_shape(options: LoaderOptions, world_size: int) -> None:
 
 
 def _check_domain_names(names: list[str], options: LoaderOptions) -> None:
-    listed, injected = set(options.mixture.weights), {i.domain for i in options.curriculum.inject}
+    listed, injected = set(options.mixture.weights), {i.stream for i in options.curriculum.inject}
     hint_names = "use the domain names `helox data show` lists"
     if listed - set(names):
         raise HeloxError(f"mixture.weights names domains the training split does not have: "
@@ -635,7 +660,7 @@ def _check_domain_names(names: list[str], options: LoaderOptions) -> None:
 
 def _check_stream_sizes(dataset: DatasetVersion, streams: list[Stream], spec: LoaderSpec,
                         base_weights: list[float], options: LoaderOptions) -> None:
-    injected = {i.domain for i in options.curriculum.inject}
+    injected = {i.stream for i in options.curriculum.inject}
     if not spec.weighted:
         if sum(s.num_blocks for s in streams) < options.full_batch:
             raise HeloxError(f"the training split of dataset {dataset.version} holds "

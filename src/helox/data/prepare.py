@@ -70,11 +70,24 @@ def prepare_dataset(config: RunConfig, progress: Progress | None = None,
         dataset = versions.open_usable(root, config.data.version)
     else:
         dataset = _cached_or_built(config, root, gov, principal, progress)
+    _authorize_read(gov, dataset, principal, purpose)
+    return dataset
+
+
+def open_named(config: RunConfig, reference: str, purpose: str = "train") -> DatasetVersion:
+    """An existing dataset of the workspace by name (its head version) or version id/prefix,
+    if the principal may read it (recorded in the audit log)."""
+    root, principal = datasets_dir(config), access.resolve_principal(config.principal)
+    dataset = versions.open_usable(root, versions.head(root, reference) or reference)
+    _authorize_read(access.governance_dir(config.workspace), dataset, principal, purpose)
+    return dataset
+
+
+def _authorize_read(gov: Path, dataset: DatasetVersion, principal: str, purpose: str) -> None:
     if dataset.name not in access.list_acl(gov):
         # Built before access control existed: its first user becomes the owner.
         access.authorize_write(gov, dataset.name, dataset.version, principal)
     access.authorize_read(gov, dataset.name, dataset.version, principal, purpose)
-    return dataset
 
 
 def _cached_or_built(config: RunConfig, root: Path, gov: Path, principal: str,

@@ -20,6 +20,7 @@ from torch import nn
 from helox.config import RunConfig, read_saved_config, save_config, sha256_json
 from helox.data.loader import (LoaderOptions, MicroBatch, StepBatch, TrainLoader,
                                fixed_sequences, split_rows)
+from helox.data.prepare import open_named
 from helox.data.shards import DatasetVersion
 from helox.hardware import cpu_has_native_bf16
 from helox.errors import HeloxError
@@ -58,10 +59,14 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     seed_everything(config.train.seed, config.train.deterministic or device.type == "cpu")
     model = Llama(config.model).to(device)
     optimizer = build_optimizer(model, config.optim)
-    loader = TrainLoader(dataset, loader_options(config))
+    injected = {stage.dataset: open_named(config, stage.dataset)
+                for stage in config.curriculum.inject if stage.dataset}
+    loader = TrainLoader(dataset, loader_options(config), injected=injected)
     evaluator = Evaluator(dataset, config, loader)
+    injected_versions = {name: d.version for name, d in injected.items()}
     run_info = {**run_fingerprint(config.sha256(), dataset.version),
-                "resume_key": resume_key(config, dataset.version),
+                "resume_key": resume_key(config, dataset.version, injected_versions),
+                "injected_datasets": injected_versions,
                 "dataset_path": str(dataset.path),
                 "precision": precision, "device": str(device)}
     start_step = resume(run_dir, run_info, config, model, optimizer, loader, console)
@@ -304,9 +309,13 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def resume_key(config: RunConfig, dataset_version: str) -> str:
+def resume_key(config: RunConfig, dataset_version: str,
+               injected_versions: dict[str, str] | None = None) -> str:
     """Hash of everything that determines the training trajectory; resuming requires a match."""
-    return sha256_json(_trajectory_config(config) | {"dataset_version": dataset_version})
+    versions = {"dataset_version": dataset_version}
+    if injected_versions:  # absent when empty, so keys of runs without injection are unchanged
+        versions["injected_versions"] = injected_versions
+    return sha256_json(_trajectory_config(config) | versions)
 
 
 def _trajectory_config(config: RunConfig) -> dict:
@@ -346,6 +355,9 @@ def _describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info
     if saved_info["dataset_version"] != run_info["dataset_version"]:
         diffs.append(f"dataset version {saved_info['dataset_version']} → "
                      f"{run_info['dataset_version']}")
+    if saved_info.get("injected_datasets", {}) != run_info["injected_datasets"]:
+        diffs.append(f"injected datasets {saved_info.get('injected_datasets', {})} → "
+                     f"{run_info['injected_datasets']} (a newer head of an injected name?)")
     return "; ".join(diffs) or "resume key differs"
 
 
