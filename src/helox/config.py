@@ -199,6 +199,30 @@ class TrainConfig(StrictModel):
     cross processes): workers pay off when storage is slow, not here."""
 
 
+class AdaptiveClipConfig(StrictModel):
+    window_steps: int = Field(default=100, gt=0)
+    """Pre-clip gradient norms of this many recent steps form the reference."""
+    percentile: float = Field(default=90.0, gt=0, le=100)
+    """Percentile of the window's norms that the threshold is a multiple of."""
+    multiplier: float = Field(default=2.0, gt=0)
+    """threshold = multiplier × percentile(window), clamped to [floor, ceiling]."""
+    floor: float = Field(default=0.05, gt=0)
+    """The threshold never goes below this."""
+    ceiling: float = Field(default=10.0, gt=0)
+    """Nor above this."""
+    min_history: int = Field(default=10, gt=0)
+    """Norms needed before the threshold adapts; before, optim.grad_clip_norm applies."""
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> AdaptiveClipConfig:
+        if self.floor > self.ceiling:
+            raise ValueError(f"floor {self.floor} is above ceiling {self.ceiling}")
+        if self.min_history > self.window_steps:
+            raise ValueError(f"min_history {self.min_history} exceeds window_steps "
+                             f"{self.window_steps}")
+        return self
+
+
 class OptimConfig(StrictModel):
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     """AdamW (fused), or Adafactor (torch.optim.Adafactor: factored second moments and no first
@@ -226,6 +250,9 @@ class OptimConfig(StrictModel):
     """Adam second-moment decay."""
     eps: float = Field(default=1e-8, gt=0)
     """Adam epsilon."""
+    adaptive_clip: AdaptiveClipConfig | None = None
+    """Clip at a threshold that follows the recent gradient norms instead of the fixed
+    grad_clip_norm (which still applies until the window has `min_history` norms)."""
     grad_clip_norm: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value; None disables clipping."""
 

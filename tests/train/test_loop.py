@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -45,8 +46,9 @@ def test_same_seed_gives_identical_losses(tiny_dataset, workspace, tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     [], ["train.grad_accum_steps=2"], ["train.precision=bf16", "train.grad_accum_steps=3"],
-    ["optim.optimizer=adafactor", "optim.schedule=wsd", "optim.decay_fraction=0.3"]],
-    ids=["plain", "accum2", "bf16-accum3", "adafactor-wsd"])
+    ["optim.optimizer=adafactor", "optim.schedule=wsd", "optim.decay_fraction=0.3"],
+    ["optim.adaptive_clip={window_steps: 4, min_history: 2, multiplier: 1.0}"]],
+    ids=["plain", "accum2", "bf16-accum3", "adafactor-wsd", "adaptive-clip"])
 def test_stop_and_resume_is_bit_identical(tiny_dataset, workspace, tmp_path, overrides):
     config = tiny_config(workspace, overrides=["train.max_steps=10", "checkpoint.every_steps=3",
                                                *overrides])
@@ -186,3 +188,17 @@ def test_compiler_failure_says_how_to_run_without_it(monkeypatch):
                                          "compiler not found") as exc_info:
         loss_fn(MicroBatch(torch.ones(1), torch.ones(1)))
     assert "train.compile=false" in exc_info.value.hint
+
+
+def test_adaptive_clip_threshold_follows_the_recent_norms(tiny_dataset, workspace, tmp_path):
+    config = tiny_config(workspace, [
+        "train.max_steps=10", "optim.adaptive_clip={window_steps: 3, min_history: 2, "
+        "percentile: 50, multiplier: 1.5, floor: 0.01, ceiling: 100}"])
+    run(config, tiny_dataset, tmp_path / "run")
+    records = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    norms = [r["grad_norm"] for r in records]
+    for i, record in enumerate(records):
+        window = norms[max(0, i - 3):i]
+        expected = config.optim.grad_clip_norm if len(window) < 2 else 1.5 * float(
+            np.median(window))
+        assert record["clip_norm"] == pytest.approx(expected, rel=1e-12)

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from helox.config import ModelConfig, OptimConfig
+from helox.config import AdaptiveClipConfig, ModelConfig, OptimConfig
 from helox.model.llama import Llama
-from helox.train.optim import build_optimizer, lr_at
+from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -58,3 +58,38 @@ def test_adafactor_is_torchs_with_the_same_decay_groups():
     optimizer = build_optimizer(model, OptimConfig(optimizer="adafactor", weight_decay=0.1))
     assert isinstance(optimizer, torch.optim.Adafactor)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.95])
+def test_effective_beta_is_the_decay_that_bias_correction_applies(beta):
+    """m̂_t = β_eff · m̂_(t-1) + (1 − β_eff) · g_t, checked on an EMA of random gradients."""
+    import random
+
+    rng = random.Random(0)
+    cfg = OptimConfig(beta1=beta, beta2=beta)
+    m, corrected_prev = 0.0, 0.0
+    for step in range(50):
+        g = rng.gauss(0, 1)
+        m = beta * m + (1 - beta) * g
+        corrected = m / (1 - beta ** (step + 1))
+        beta_eff = effective_betas(cfg, step)[0]
+        assert corrected == pytest.approx(beta_eff * corrected_prev + (1 - beta_eff) * g)
+        corrected_prev = corrected
+    assert effective_betas(cfg, 0) == (0.0, 0.0)
+    assert effective_betas(cfg, 10_000)[0] == pytest.approx(beta)
+
+
+def test_adaptive_clip_waits_for_history_then_clamps_a_multiple_of_the_percentile():
+    clip = AdaptiveClip(AdaptiveClipConfig(window_steps=4, percentile=50, multiplier=2.0,
+                                           floor=0.5, ceiling=3.0, min_history=2), 1.0)
+    assert clip.threshold() == 1.0
+    clip.record(0.4)
+    assert clip.threshold() == 1.0  # one norm is not a reference yet
+    clip.record(0.6)
+    assert clip.threshold() == pytest.approx(2.0 * 0.5)
+    clip.record(float("nan"))  # a non-finite norm is not history
+    for norm in (5.0, 5.0, 5.0):
+        clip.record(norm)
+    assert clip.history == [0.6, 5.0, 5.0, 5.0] and clip.threshold() == 3.0  # the ceiling
+    clip.history = [0.01] * 4
+    assert clip.threshold() == 0.5  # the floor

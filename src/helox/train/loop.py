@@ -28,7 +28,7 @@ from helox.model.llama import Llama
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.train import checkpoint as ckpt
-from helox.train.optim import build_optimizer, lr_at, set_lr
+from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
 
 # Config fields that may change when resuming: they do not change the trajectory (compile
 # changes only rounding, and turning it off must stay possible when a compiler breaks; the data
@@ -59,6 +59,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     seed_everything(config.train.seed, config.train.deterministic or device.type == "cpu")
     model = Llama(config.model).to(device)
     optimizer = build_optimizer(model, config.optim)
+    clip = AdaptiveClip(config.optim.adaptive_clip, config.optim.grad_clip_norm)
     injected = {stage.dataset: open_named(config, stage.dataset)
                 for stage in config.curriculum.inject if stage.dataset}
     loader = TrainLoader(dataset, loader_options(config), injected=injected)
@@ -69,7 +70,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                 "injected_datasets": injected_versions,
                 "dataset_path": str(dataset.path),
                 "precision": precision, "device": str(device)}
-    start_step = resume(run_dir, run_info, config, model, optimizer, loader, console)
+    start_step = resume(run_dir, run_info, config, model, optimizer, loader, clip, console)
     write_run_files(run_dir, config, run_info)
 
     loss_fn = make_loss_fn(model, device, precision)  # eval stays eager: a second, no-grad
@@ -85,12 +86,16 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             set_lr(optimizer, lr)
             started = time.perf_counter()
             batch = loader.next_step()
+            clip_norm = clip.threshold()
             loss, grad_norm = train_step(train_loss_fn, model, optimizer,
                                          batch.micro_batches(micro_rows(config, batch)),
-                                         config.optim.grad_clip_norm)
+                                         clip_norm)
+            clip.record(grad_norm)
             tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
+            beta1, beta2 = effective_betas(config.optim, step)
             step += 1
             metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "clip_norm": clip_norm, "beta1_eff": beta1, "beta2_eff": beta2,
                            "tokens_per_s": round(tokens_per_s, 1),
                            **data_metrics(loader, batch)})
             step_val_loss = None
@@ -107,7 +112,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                **{f"rebalance_weight.{d}": w
                                   for d, w in zip(loader.domains, weights)}})
             if step % config.checkpoint.every_steps == 0 or step == last_step:
-                state = {"rng": rng_state(), "loader": loader.state_dict()}
+                state = {"rng": rng_state(), "loader": loader.state_dict(),
+                         "clip": clip.state_dict()}
                 saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config,
                                              run_info, config.checkpoint.keep_last,
                                              extra_files={"tokenizer.json": dataset.tokenizer_path})
@@ -328,7 +334,8 @@ def _trajectory_config(config: RunConfig) -> dict:
 
 
 def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
-           optimizer: torch.optim.Optimizer, loader: TrainLoader, console: Console) -> int:
+           optimizer: torch.optim.Optimizer, loader: TrainLoader, clip: AdaptiveClip,
+           console: Console) -> int:
     """Load the newest valid checkpoint of `run_dir` into the objects; return its step (or 0)."""
     ckpt.remove_stale_temporaries(run_dir)
     restored = ckpt.load_newest_valid(
@@ -343,6 +350,7 @@ def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
     ckpt.load_weights(restored.path, model)
     ckpt.load_optimizer(restored.path, optimizer)
     loader.load_state_dict(restored.state["loader"])
+    clip.load_state_dict(restored.state["clip"])
     set_rng_state(restored.state["rng"])
     truncate_after_step(run_dir / "metrics.jsonl", restored.step)
     console.print(f"resuming from {restored.path.name}")

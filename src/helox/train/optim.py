@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
-from helox.config import OptimConfig
+from helox.config import AdaptiveClipConfig, OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -57,3 +58,42 @@ def _wsd_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class AdaptiveClip:
+    """The clipping threshold for the next step: multiplier × a percentile of the recent
+    pre-clip norms, clamped to [floor, ceiling]; the fixed norm until the window fills enough.
+    A spike is clipped against what the run's norms have been, not against a guess made before
+    the run. Its window is part of the checkpoint, so resume stays exact."""
+
+    def __init__(self, config: AdaptiveClipConfig | None, fixed_norm: float | None):
+        self.config, self.fixed_norm = config, fixed_norm
+        self.history: list[float] = []
+
+    def threshold(self) -> float | None:
+        cfg = self.config
+        if cfg is None or len(self.history) < cfg.min_history:
+            return self.fixed_norm
+        reference = float(np.percentile(self.history, cfg.percentile))
+        return min(cfg.ceiling, max(cfg.floor, cfg.multiplier * reference))
+
+    def record(self, grad_norm: float) -> None:
+        if self.config is not None and math.isfinite(grad_norm):
+            self.history = (self.history + [grad_norm])[-self.config.window_steps:]
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+
+
+def effective_betas(cfg: OptimConfig, step: int) -> tuple[float, float]:
+    """(β1, β2) as the update at `step` (0-based) really applies them after bias correction:
+    m̂_t = β_eff · m̂_(t-1) + (1 − β_eff) · g_t with β_eff = β(1 − β^(t−1)) / (1 − β^t), t = step + 1
+    (0 at the first step: only the current gradient counts). Adafactor has no first moment and
+    its second-moment decay is 1 − t^-0.8 (torch's default beta2_decay)."""
+    t = step + 1
+    if cfg.optimizer == "adafactor":
+        return 0.0, 1.0 - t ** -0.8
+    return tuple(b * (1 - b ** (t - 1)) / (1 - b ** t) for b in (cfg.beta1, cfg.beta2))
