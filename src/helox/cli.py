@@ -245,6 +245,8 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample among the top k.")] = 40,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    ema: Annotated[bool, typer.Option(help="Use the weights' moving average "
+                                           "(runs trained with train.ema_decay).")] = False,
 ) -> None:
     """Continue a prompt with the newest valid checkpoint of a run.
 
@@ -255,7 +257,7 @@ def generate(
 
     path = run_dir if (run_dir / "model.safetensors").is_file() else newest_valid_checkpoint(
         run_dir, warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
-    model, tokenizer, config = load_trained_model(path)
+    model, tokenizer, config = load_trained_model(path, ema=ema)
     stop_id = tokenizer.token_to_id(config.tokenizer.eos_token)
     text = complete(model, tokenizer, prompt, stop_id, max_new_tokens, temperature, top_k, seed)
     print(prompt + text)

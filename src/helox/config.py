@@ -189,6 +189,10 @@ class TrainConfig(StrictModel):
     eval_batches: int = Field(default=8, gt=0)
     """Validation micro-batches per evaluation (always the same sequences, shared evenly
     among the validation domains)."""
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.99): saved
+    as ema.safetensors in every checkpoint, scored at each evaluation (val_loss_ema) and
+    used by `helox generate --ema`."""
     document_masking: bool = False
     """Attend only within a document: positions restart and attention stops at every EOS
     (packed sequences otherwise attend across the documents they hold)."""

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from rich.console import Console
 from torch._dynamo.exc import TorchRuntimeError
 
@@ -13,8 +14,8 @@ from helox.config import ModelConfig, load_config
 from helox.data.prepare import prepare_dataset
 from helox.errors import HeloxError
 from helox.observe.metrics import read_metrics
-from helox.testing.tiny import QUICKSTART, tiny_config
-from helox.train.checkpoint import list_checkpoints
+from helox.testing.tiny import QUICKSTART, tiny_config, tiny_mixed_config
+from helox.train.checkpoint import list_checkpoints, load_trained_model
 from helox.model.llama import Llama
 from helox.data.loader import MicroBatch
 from helox.train.loop import compiled, make_loss_fn, train, train_step
@@ -202,3 +203,25 @@ def test_adaptive_clip_threshold_follows_the_recent_norms(tiny_dataset, workspac
         expected = config.optim.grad_clip_norm if len(window) < 2 else 1.5 * float(
             np.median(window))
         assert record["clip_norm"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_ema_weights_are_saved_resumed_exactly_and_beat_raw_weights_late_in_a_noisy_run(
+        mixed_dataset, mixed_workspace, tmp_path):
+    config = tiny_mixed_config(mixed_workspace, [  # a high constant LR on 32-token batches
+        "train.max_steps=300", "train.ema_decay=0.98", "optim.lr=0.05", "train.seed=1",
+        "optim.schedule=constant", "optim.warmup_steps=10", "train.micro_batch_size=1",
+        "train.eval_every_steps=75", "train.eval_batches=16", "checkpoint.every_steps=100"])
+    run(config, mixed_dataset, tmp_path / "straight")
+    run(config, mixed_dataset, tmp_path / "resumed", until_step=150)
+    run(config, mixed_dataset, tmp_path / "resumed")
+    straight = tmp_path / "straight" / "checkpoints" / "step-00000300"
+    resumed = tmp_path / "resumed" / "checkpoints" / "step-00000300"
+    ema_straight, ema_resumed = (load_file(p / "ema.safetensors") for p in (straight, resumed))
+    assert ema_straight.keys() == ema_resumed.keys()
+    assert all(torch.equal(ema_straight[k], ema_resumed[k]) for k in ema_straight)
+    raw, _, _ = load_trained_model(straight)
+    ema, _, _ = load_trained_model(straight, ema=True)
+    assert not torch.equal(raw.lm_head.weight, ema.lm_head.weight)
+    evals = [m for m in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val_loss" in m]
+    late = evals[-2:]  # steps 225 and 300
+    assert (sum(m["val_loss_ema"] for m in late) < sum(m["val_loss"] for m in late))

@@ -93,3 +93,21 @@ def test_adaptive_clip_waits_for_history_then_clamps_a_multiple_of_the_percentil
     assert clip.history == [0.6, 5.0, 5.0, 5.0] and clip.threshold() == 3.0  # the ceiling
     clip.history = [0.01] * 4
     assert clip.threshold() == 0.5  # the floor
+
+
+def test_ema_decay_warms_up_then_holds():
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    from helox.train.loop import ema_with_warmup
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(model, multi_avg_fn=ema_with_warmup(0.9))
+    expected = None
+    for previous_updates, value in enumerate([1.0, 2.0, 3.0, 4.0] + [5.0] * 96):
+        model.weight.data.fill_(value)
+        ema.update_parameters(model)
+        decay = min(0.9, (1 + previous_updates) / (10 + previous_updates))
+        expected = value if expected is None else decay * expected + (1 - decay) * value
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert (1 + 79) / (10 + 79) < 0.9 <= (1 + 80) / (10 + 80)  # the cap holds from update 80

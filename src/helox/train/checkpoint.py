@@ -2,6 +2,7 @@
 
 Layout: RUN_DIR/checkpoints/step-<8 digits>/
   model.safetensors   weights (tied tensors stored once), metadata: step and run fingerprint
+  ema.safetensors     their exponential moving average (with train.ema_decay)
   optimizer.pt        optimizer state
   state.pt            step, every RNG state, loader state, counters
   config.yaml         the resolved config the run was trained with
@@ -33,6 +34,7 @@ from helox.fileio import fsync_path, sha256_file
 from helox.model.llama import Llama
 
 CHECKSUMS = "checksums.json"
+EMA_WEIGHTS = "ema.safetensors"
 _PREFIX = "step-"
 
 
@@ -49,10 +51,12 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, config: RunConfig, run_info: dict, keep_last: int,
-                    extra_files: dict[str, Path] | None = None) -> Path:
+                    extra_files: dict[str, Path] | None = None,
+                    ema: nn.Module | None = None) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
 
-    `extra_files` are copied in (the tokenizer, so that a checkpoint stands on its own)."""
+    `extra_files` are copied in (the tokenizer, so that a checkpoint stands on its own);
+    `ema`, the averaged weights, goes to ema.safetensors."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
@@ -61,6 +65,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"),
                metadata={"step": str(step), "fingerprint": run_info["fingerprint"]})
+    if ema is not None:
+        save_model(ema, str(tmp / EMA_WEIGHTS), metadata={"step": str(step)})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"step": step, **state}, tmp / "state.pt")
     save_config(config, tmp / "config.yaml")
@@ -129,8 +135,13 @@ def load_newest_valid(run_dir: Path, warn: Callable[[str], None],
     return None
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    load_model(model, str(path / "model.safetensors"), strict=True)
+def load_weights(path: Path, model: nn.Module, ema: bool = False) -> None:
+    """The checkpoint's weights, or with `ema` its moving average, into `model`."""
+    file = path / (EMA_WEIGHTS if ema else "model.safetensors")
+    if not file.is_file():
+        raise HeloxError(f"{path} has no {file.name}",
+                         hint="train with train.ema_decay set to keep EMA weights")
+    load_model(model, str(file), strict=True)
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
@@ -159,10 +170,11 @@ def newest_valid_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Path:
     return restored.path
 
 
-def load_trained_model(path: Path) -> tuple[Llama, Tokenizer, RunConfig]:
-    """Rebuild the model of a checkpoint folder with its weights, tokenizer and config (CPU)."""
+def load_trained_model(path: Path, ema: bool = False) -> tuple[Llama, Tokenizer, RunConfig]:
+    """Rebuild the model of a checkpoint folder with its weights (or their EMA), tokenizer
+    and config (CPU)."""
     config = read_saved_config(path / "config.yaml")
     model = Llama(config.model)
-    load_weights(path, model)
+    load_weights(path, model, ema)
     model.eval()
     return model, load_tokenizer(path / "tokenizer.json"), config

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from helox.config import RunConfig, read_saved_config, save_config, sha256_json
 from helox.data.loader import (LoaderOptions, MicroBatch, StepBatch, TrainLoader,
@@ -60,6 +61,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     model = Llama(config.model).to(device)
     optimizer = build_optimizer(model, config.optim)
     clip = AdaptiveClip(config.optim.adaptive_clip, config.optim.grad_clip_norm)
+    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(config.train.ema_decay))
+           if config.train.ema_decay else None)
     injected = {stage.dataset: open_named(config, stage.dataset)
                 for stage in config.curriculum.inject if stage.dataset}
     loader = TrainLoader(dataset, loader_options(config), injected=injected)
@@ -70,9 +73,10 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                 "injected_datasets": injected_versions,
                 "dataset_path": str(dataset.path),
                 "precision": precision, "device": str(device)}
-    start_step = resume(run_dir, run_info, config, model, optimizer, loader, clip, console)
+    start_step = resume(run_dir, run_info, config, model, optimizer, loader, clip, ema, console)
     write_run_files(run_dir, config, run_info)
 
+    ema_loss_fn = make_loss_fn(ema.module, device, precision) if ema else None
     loss_fn = make_loss_fn(model, device, precision)  # eval stays eager: a second, no-grad
     train_loss_fn = compiled(loss_fn) if config.train.compile else loss_fn  # graph costs a compile
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -91,6 +95,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                          batch.micro_batches(micro_rows(config, batch)),
                                          clip_norm)
             clip.record(grad_norm)
+            if ema is not None:
+                ema.update_parameters(model)
             tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
             beta1, beta2 = effective_betas(config.optim, step)
             step += 1
@@ -102,8 +108,11 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             if tc.eval_every_steps and (step % tc.eval_every_steps == 0 or step == tc.max_steps):
                 val_loss, by_domain = evaluator.losses(loss_fn, model, "eval")
                 step_val_loss = val_loss
-                metrics.write({"step": step, "val_loss": val_loss,
-                               **{f"val_loss.{d}": v for d, v in by_domain.items()}})
+                record = {"step": step, "val_loss": val_loss,
+                          **{f"val_loss.{d}": v for d, v in by_domain.items()}}
+                if ema is not None:
+                    record["val_loss_ema"] = evaluator.losses(ema_loss_fn, ema.module, "eval")[0]
+                metrics.write(record)
             if loader.rebalance_due(step):
                 _, by_domain = evaluator.losses(loss_fn, model, "rebalance")
                 weights = loader.rebalance(step, by_domain)
@@ -113,10 +122,12 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                   for d, w in zip(loader.domains, weights)}})
             if step % config.checkpoint.every_steps == 0 or step == last_step:
                 state = {"rng": rng_state(), "loader": loader.state_dict(),
-                         "clip": clip.state_dict()}
+                         "clip": clip.state_dict(),
+                         "ema_updates": int(ema.n_averaged) if ema is not None else 0}
                 saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config,
                                              run_info, config.checkpoint.keep_last,
-                                             extra_files={"tokenizer.json": dataset.tokenizer_path})
+                                             extra_files={"tokenizer.json": dataset.tokenizer_path},
+                                             ema=ema.module if ema is not None else None)
             progress.update(step, loss, tokens_per_s, step_val_loss)
     metrics.close()
     loader.close()
@@ -144,6 +155,20 @@ def announce(console: Console, model: Llama, device: torch.device, precision: st
     if tc.compile:
         console.print("compiling the first step (~30 s on 2 CPU cores the first time, seconds "
                       "once cached; --set train.compile=false skips it)", soft_wrap=True)
+
+
+def ema_with_warmup(decay: float) -> Callable:
+    """torch.optim.swa_utils' multi_avg_fn for an EMA whose decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's and timm's rule), so the
+    average does not drag the random initial weights along for ~1 / (1 - decay) steps."""
+
+    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor],
+               num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        step_decay = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - step_decay)
+
+    return update
 
 
 def loader_options(config: RunConfig) -> LoaderOptions:
@@ -335,7 +360,7 @@ def _trajectory_config(config: RunConfig) -> dict:
 
 def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
            optimizer: torch.optim.Optimizer, loader: TrainLoader, clip: AdaptiveClip,
-           console: Console) -> int:
+           ema: AveragedModel | None, console: Console) -> int:
     """Load the newest valid checkpoint of `run_dir` into the objects; return its step (or 0)."""
     ckpt.remove_stale_temporaries(run_dir)
     restored = ckpt.load_newest_valid(
@@ -351,6 +376,9 @@ def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
     ckpt.load_optimizer(restored.path, optimizer)
     loader.load_state_dict(restored.state["loader"])
     clip.load_state_dict(restored.state["clip"])
+    if ema is not None:
+        ckpt.load_weights(restored.path, ema.module, ema=True)
+        ema.n_averaged.fill_(restored.state["ema_updates"])
     set_rng_state(restored.state["rng"])
     truncate_after_step(run_dir / "metrics.jsonl", restored.step)
     console.print(f"resuming from {restored.path.name}")
