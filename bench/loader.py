@@ -248,8 +248,8 @@ class ModelVariant:
         """As helox.train.loop.train does: the schedule's LR, then train_step."""
         set_lr(self.optimizer, lr_at(self.steps_done, self.config.optim,
                                      self.config.train.max_steps))
-        loss, _ = train_step(self.loss_fn, self.model, self.optimizer, micro_batches,
-                             self.config.optim.grad_clip_norm)
+        loss = train_step(self.loss_fn, self.model, self.optimizer, micro_batches,
+                          self.config.optim.grad_clip_norm).loss
         self.steps_done += 1
         return loss
 

@@ -45,6 +45,7 @@ from helox.config import ModelConfig, OptimConfig, TrainConfig
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
 from helox.repro import seed_everything
+from helox.data.loader import MicroBatch
 from helox.train.loop import compiled, make_loss_fn, pick_precision, train_step
 from helox.train.optim import build_optimizer
 
@@ -111,7 +112,8 @@ def helox_variant(name: str, precision: str, init_state: dict, compile_model: bo
     loss_fn = compiled(loss_fn) if compile_model else loss_fn
 
     def step(batch: Batch) -> float:
-        loss, _ = train_step(loss_fn, model, optimizer, [batch], OPTIM.grad_clip_norm)
+        loss = train_step(loss_fn, model, optimizer, [MicroBatch(*batch)],
+                          OPTIM.grad_clip_norm).loss
         return loss
 
     return Variant(name, precision, step, compile_model)

@@ -162,6 +162,37 @@ class ModelConfig(StrictModel):
         return -(-(8 * self.d_model // 3) // 64) * 64
 
 
+class WeightStage(StrictModel):
+    from_step: int = Field(ge=0)
+    """Optimizer steps completed before this weight applies."""
+    weight: float = Field(ge=0)
+    """The objective's weight from then on."""
+
+
+class ObjectiveConfig(StrictModel):
+    name: Literal["lm", "z_loss"]
+    """lm: next-token cross-entropy; z_loss: the squared log-partition log(Σ exp logits)²
+    (PaLM's auxiliary loss, 1e-4 there), which keeps the output logits from drifting."""
+    weight: float = Field(default=1.0, ge=0)
+    """Weight in the summed loss (before any stage)."""
+    stages: list[WeightStage] = []
+    """Weight schedule: stages that apply once `from_step` steps are complete."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ObjectiveConfig:
+        steps = [stage.from_step for stage in self.stages]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"stages must have strictly increasing from_step, got {steps}")
+        return self
+
+    def weight_at(self, step: int) -> float:
+        weight = self.weight
+        for stage in self.stages:
+            if step >= stage.from_step:
+                weight = stage.weight
+        return weight
+
+
 class TrainConfig(StrictModel):
     seed: int = 1337
     """Seeds Python, NumPy, torch and the data order."""
@@ -189,6 +220,16 @@ class TrainConfig(StrictModel):
     eval_batches: int = Field(default=8, gt=0)
     """Validation micro-batches per evaluation (always the same sequences, shared evenly
     among the validation domains)."""
+
+    @model_validator(mode="after")
+    def _unique_objectives(self) -> TrainConfig:
+        names = [objective.name for objective in self.objectives]
+        if len(names) != len(set(names)):
+            raise ValueError(f"an objective is listed twice: {names}")
+        return self
+    objectives: list[ObjectiveConfig] = Field(default=[ObjectiveConfig(name="lm")],
+                                              min_length=1)
+    """The loss: a weighted sum of named objectives, each logged on its own (loss.<name>)."""
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
     """Keep an exponential moving average of the weights with this decay (e.g. 0.99): saved
     as ema.safetensors in every checkpoint, scored at each evaluation (val_loss_ema) and

@@ -169,7 +169,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         model = Llama(cfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # update = -(clipped) gradient
         loss_fn = make_loss_fn(model, torch.device("cpu"), "fp32")
-        loss, norm = train_step(loss_fn, model, optimizer, batches, clip_norm=0.5)
+        loss, norm, _ = train_step(loss_fn, model, optimizer, batches, clip_norm=0.5)
         results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
@@ -225,3 +225,41 @@ def test_ema_weights_are_saved_resumed_exactly_and_beat_raw_weights_late_in_a_no
     evals = [m for m in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "val_loss" in m]
     late = evals[-2:]  # steps 225 and 300
     assert (sum(m["val_loss_ema"] for m in late) < sum(m["val_loss"] for m in late))
+
+
+def test_objectives_are_weighted_summed_and_each_reported():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, max_seq_len=16)
+    tokens = torch.randint(0, 64, (4, 17))
+    batches = [MicroBatch(tokens[i:i + 2, :-1], tokens[i:i + 2, 1:]) for i in (0, 2)]
+    outcomes, params = [], []
+    for weights in ({"lm": 1.0}, {"lm": 1.0, "z_loss": 0.0}, {"lm": 1.0, "z_loss": 0.5}):
+        torch.manual_seed(1)
+        model = Llama(cfg)
+        with torch.no_grad():
+            logits = model(tokens[:, :-1]).flatten(0, 1)
+        expected_z = torch.logsumexp(logits, dim=-1).square().mean().item()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss_fn = make_loss_fn(model, torch.device("cpu"), "fp32", ["lm", "z_loss"])
+        outcomes.append(train_step(loss_fn, model, optimizer, batches, None, weights))
+        params.append([p.detach().clone() for p in model.parameters()])
+        terms = outcomes[-1].terms
+        assert terms["z_loss"] == pytest.approx(expected_z, rel=1e-5)
+        assert terms["total"] == pytest.approx(
+            terms["lm"] + weights.get("z_loss", 0.0) * terms["z_loss"], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(params[0], params[1]))  # weight 0: no effect
+    assert not all(torch.equal(a, b) for a, b in zip(params[0], params[2]))
+    assert outcomes[2].grad_norm != pytest.approx(outcomes[0].grad_norm)
+
+
+def test_objective_weights_follow_their_schedule_in_the_metrics(tiny_dataset, workspace,
+                                                                tmp_path):
+    config = tiny_config(workspace, [
+        "train.objectives=[{name: lm}, {name: z_loss, weight: 0.0, "
+        "stages: [{from_step: 3, weight: 0.001}]}]"])
+    run(config, tiny_dataset, tmp_path / "run")
+    records = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert [r["weight.z_loss"] for r in records] == [0.0] * 3 + [0.001] * 5
+    for r in records:
+        assert r["loss.lm"] == r["loss"] and r["loss.z_loss"] > 0
+        assert r["loss.total"] == pytest.approx(r["loss"] + r["weight.z_loss"] * r["loss.z_loss"])

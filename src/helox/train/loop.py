@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +76,12 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     start_step = resume(run_dir, run_info, config, model, optimizer, loader, clip, ema, console)
     write_run_files(run_dir, config, run_info)
 
+    # Evaluation stays eager (a second, no-grad graph would cost a compile) and scores "lm".
+    loss_fn = make_loss_fn(model, device, precision)
     ema_loss_fn = make_loss_fn(ema.module, device, precision) if ema else None
-    loss_fn = make_loss_fn(model, device, precision)  # eval stays eager: a second, no-grad
-    train_loss_fn = compiled(loss_fn) if config.train.compile else loss_fn  # graph costs a compile
+    train_loss_fn = make_loss_fn(model, device, precision,
+                                 [o.name for o in config.train.objectives])
+    train_loss_fn = compiled(train_loss_fn) if config.train.compile else train_loss_fn
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     tc = config.train
     last_step = min(tc.max_steps, until_step or tc.max_steps)
@@ -91,9 +94,10 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             started = time.perf_counter()
             batch = loader.next_step()
             clip_norm = clip.threshold()
-            loss, grad_norm = train_step(train_loss_fn, model, optimizer,
-                                         batch.micro_batches(micro_rows(config, batch)),
-                                         clip_norm)
+            outcome = train_step(train_loss_fn, model, optimizer,
+                                 batch.micro_batches(micro_rows(config, batch)), clip_norm,
+                                 {o.name: o.weight_at(step) for o in tc.objectives})
+            loss, grad_norm = outcome.loss, outcome.grad_norm
             clip.record(grad_norm)
             if ema is not None:
                 ema.update_parameters(model)
@@ -101,6 +105,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             beta1, beta2 = effective_betas(config.optim, step)
             step += 1
             metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           **objective_metrics(config, outcome, step - 1),
                            "clip_norm": clip_norm, "beta1_eff": beta1, "beta2_eff": beta2,
                            "tokens_per_s": round(tokens_per_s, 1),
                            **data_metrics(loader, batch)})
@@ -157,6 +162,16 @@ def announce(console: Console, model: Llama, device: torch.device, precision: st
                       "once cached; --set train.compile=false skips it)", soft_wrap=True)
 
 
+def objective_metrics(config: RunConfig, outcome: StepOutcome, step: int) -> dict:
+    """Each objective per token and its weight, when the loss has more than the LM term."""
+    if [o.name for o in config.train.objectives] == ["lm"] and \
+            config.train.objectives[0].weight_at(step) == 1.0:
+        return {}
+    record = {f"loss.{name}": value for name, value in outcome.terms.items()}
+    record |= {f"weight.{o.name}": o.weight_at(step) for o in config.train.objectives}
+    return record
+
+
 def ema_with_warmup(decay: float) -> Callable:
     """torch.optim.swa_utils' multi_avg_fn for an EMA whose decay warms up as
     min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's and timm's rule), so the
@@ -198,23 +213,28 @@ def data_metrics(loader: TrainLoader, batch: StepBatch) -> dict:
     return record
 
 
-LossFn = Callable[[MicroBatch], torch.Tensor]
-"""A micro-batch -> summed next-token cross-entropy over its target tokens, a scalar."""
+LossFn = Callable[[MicroBatch], dict[str, torch.Tensor]]
+"""A micro-batch -> each objective summed over its target tokens: {"lm": ..., ...}."""
 
 
-def make_loss_fn(model: nn.Module, device: torch.device, precision: str) -> LossFn:
+def make_loss_fn(model: nn.Module, device: torch.device, precision: str,
+                 objectives: Collection[str] = ("lm",)) -> LossFn:
     """Forward in the run's precision (bf16 autocast keeps fp32 master weights and optimizer
-    state) and the cross-entropy in fp32."""
+    state) and the objectives in fp32. "lm" is always computed (it is what evaluation and the
+    logs compare); "z_loss" adds Σ logsumexp(logits)² over the tokens."""
 
-    def loss_sum(batch: MicroBatch) -> torch.Tensor:
+    def loss_sums(batch: MicroBatch) -> dict[str, torch.Tensor]:
         inputs_BT, targets_BT, positions_BT, doc_ids_BT = (
             None if t is None else t.to(device, non_blocking=True) for t in batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits_BTV = model(inputs_BT, positions_BT, doc_ids_BT)
-        return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(),
-                               reduction="sum")
+        logits_NV = logits_BTV.float().flatten(0, 1)
+        sums = {"lm": F.cross_entropy(logits_NV, targets_BT.flatten(), reduction="sum")}
+        if "z_loss" in objectives:
+            sums["z_loss"] = torch.logsumexp(logits_NV, dim=-1).square().sum()
+        return sums
 
-    return loss_sum
+    return loss_sums
 
 
 def compiled(loss_fn: LossFn) -> LossFn:
@@ -223,7 +243,7 @@ def compiled(loss_fn: LossFn) -> LossFn:
     A compiler failure becomes a HeloxError that says how to run without it."""
     compiled_fn = torch.compile(loss_fn)
 
-    def call(batch: MicroBatch) -> torch.Tensor:
+    def call(batch: MicroBatch) -> dict[str, torch.Tensor]:
         try:
             return compiled_fn(batch)
         except Exception as exc:
@@ -237,19 +257,34 @@ def compiled(loss_fn: LossFn) -> LossFn:
     return call
 
 
-def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: list[MicroBatch], clip_norm: float | None) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; returns (mean loss per target token, grad norm).
+class StepOutcome(NamedTuple):
+    loss: float
+    """Next-token cross-entropy per target token (the "lm" objective, unweighted)."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    terms: dict[str, float]
+    """Every objective per target token, unweighted, and "total": the weighted sum."""
 
-    The loss is summed over tokens and divided by the target tokens of *all* micro-batches, so
-    accumulation gives the same gradient as one big batch whatever the micro-batch split.
+
+def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
+               batches: list[MicroBatch], clip_norm: float | None,
+               weights: dict[str, float] | None = None) -> StepOutcome:
+    """One optimizer step over the micro-batches on Σ weight × objective (default: lm alone).
+
+    Each objective is summed over tokens and divided by the target tokens of *all*
+    micro-batches, so accumulation gives the same gradient as one big batch whatever the
+    micro-batch split.
     """
+    weights = weights or {"lm": 1.0}
     num_targets = sum(batch.targets.numel() for batch in batches)
-    loss_total = None
+    totals: dict[str, torch.Tensor] = {}
     for batch in batches:
-        loss = loss_fn(batch) / num_targets
+        sums = loss_fn(batch)
+        loss = sum(weight * sums[name] for name, weight in weights.items()) / num_targets
         loss.backward()
-        loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+        for name, value in [*sums.items(), ("total", loss * num_targets)]:
+            value = value.detach() / num_targets
+            totals[name] = totals[name] + value if name in totals else value
     params = [p for p in model.parameters() if p.grad is not None]
     if clip_norm is None:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -257,8 +292,9 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_value, norm_value = torch.stack([loss_total, grad_norm.float()]).tolist()  # one sync
-    return loss_value, norm_value
+    *term_values, norm_value = torch.stack([*totals.values(), grad_norm.float()]).tolist()
+    terms = dict(zip(totals, term_values))  # one host sync for all of them
+    return StepOutcome(terms["lm"], norm_value, terms)
 
 
 class Evaluator:
@@ -286,7 +322,7 @@ class Evaluator:
         with torch.no_grad():
             for domain, data in sets.items():
                 batches = split_rows(data, rows)
-                sums[domain] = sum(loss_fn(batch).item() for batch in batches)
+                sums[domain] = sum(loss_fn(batch)["lm"].item() for batch in batches)
                 counts[domain] = data.targets.numel()
         model.train()
         overall = sum(sums.values()) / sum(counts.values())
