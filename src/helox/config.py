@@ -14,6 +14,7 @@ import datetime as dt
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -320,6 +321,24 @@ class SampleConfig(StrictModel):
     """Sample among the k most likely tokens; None samples from all."""
 
 
+class FaultConfig(StrictModel):
+    nan_loss_at_steps: list[int] = []
+    """Make the loss (and so every gradient) NaN at these steps, numbered as in metrics.jsonl
+    (the update logged as step k); also HELOX_FAULT_NAN_AT=k1,k2 in the environment. For
+    tests and for operators rehearsing the runbook; not part of the trajectory, so it may
+    change on resume."""
+
+    def nan_steps(self) -> set[int]:
+        steps = set(self.nan_loss_at_steps)
+        raw = os.environ.get("HELOX_FAULT_NAN_AT", "")
+        try:
+            steps |= {int(part) for part in raw.split(",") if part.strip()}
+        except ValueError:
+            raise HeloxError(f"HELOX_FAULT_NAN_AT={raw!r} is not a list of step numbers",
+                             hint="set it like HELOX_FAULT_NAN_AT=5,9, or unset it") from None
+        return steps
+
+
 class RunConfig(StrictModel):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$")
     """Run name; the default run folder is <workspace>/runs/<name>."""
@@ -344,6 +363,8 @@ class RunConfig(StrictModel):
     """Sequence-length, batch-size and task-injection schedules."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoint cadence and retention."""
+    faults: FaultConfig = FaultConfig()
+    """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()
     """Text samples printed by `helox run`."""
 

@@ -1,6 +1,7 @@
 """Tier-5 checks of the loop: determinism, exact resume, fall-back, refusal, loss going down."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -169,7 +170,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         model = Llama(cfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # update = -(clipped) gradient
         loss_fn = make_loss_fn(model, torch.device("cpu"), "fp32")
-        loss, norm, _ = train_step(loss_fn, model, optimizer, batches, clip_norm=0.5)
+        loss, norm = train_step(loss_fn, model, optimizer, batches, clip_norm=0.5)[:2]
         results.append((loss, norm, [p.detach().clone() for p in model.parameters()]))
     (loss_a, norm_a, params_a), (loss_b, norm_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6) and norm_a == pytest.approx(norm_b, rel=1e-5)
@@ -263,3 +264,35 @@ def test_objective_weights_follow_their_schedule_in_the_metrics(tiny_dataset, wo
     for r in records:
         assert r["loss.lm"] == r["loss"] and r["loss.z_loss"] > 0
         assert r["loss.total"] == pytest.approx(r["loss"] + r["weight.z_loss"] * r["loss.z_loss"])
+
+
+def test_an_injected_nan_step_is_skipped_logged_and_the_run_recovers(tiny_dataset, workspace,
+                                                                     tmp_path):
+    clean = tiny_config(workspace, ["train.max_steps=16", "checkpoint.every_steps=3"])
+    faulty = tiny_config(workspace, ["train.max_steps=16", "checkpoint.every_steps=3",
+                                     "faults.nan_loss_at_steps=[4]"])
+    run(clean, tiny_dataset, tmp_path / "clean")
+    run(faulty, tiny_dataset, tmp_path / "faulty", until_step=4)
+    before = load_file(tmp_path / "faulty" / "checkpoints" / "step-00000003" / "model.safetensors")
+    after = load_file(tmp_path / "faulty" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update at the NaN step
+    run(faulty, tiny_dataset, tmp_path / "faulty")  # resumes from step 4 and completes
+    records = [m for m in read_metrics(tmp_path / "faulty" / "metrics.jsonl") if "loss" in m]
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert records[3]["skipped"] is True and math.isnan(records[3]["grad_norm"])
+    assert all(r["skipped_steps"] == 1 for r in records[3:]) and "skipped" not in records[4]
+    events = read_metrics(tmp_path / "faulty" / "events.jsonl")
+    assert [(e["step"], e["event"], e["runbook"]) for e in events] == [
+        (4, "nonfinite_step_skipped", "nonfinite-step")]
+    assert "## nonfinite-step" in (QUICKSTART.parents[1] / "docs" / "runbooks.md").read_text()
+    assert abs(records[-1]["loss"] - losses(tmp_path / "clean")[-1]) < 0.05
+
+
+def test_fault_steps_come_from_the_environment_too(monkeypatch):
+    from helox.config import FaultConfig
+
+    monkeypatch.setenv("HELOX_FAULT_NAN_AT", "5, 9")
+    assert FaultConfig(nan_loss_at_steps=[2]).nan_steps() == {2, 5, 9}
+    monkeypatch.setenv("HELOX_FAULT_NAN_AT", "five")
+    with pytest.raises(HeloxError, match="not a list of step numbers"):
+        FaultConfig().nan_steps()

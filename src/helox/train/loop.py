@@ -6,6 +6,7 @@ Legend: B micro-batch size, T sequence length, V vocabulary.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                 "injected_datasets": injected_versions,
                 "dataset_path": str(dataset.path),
                 "precision": precision, "device": str(device)}
-    start_step = resume(run_dir, run_info, config, model, optimizer, loader, clip, ema, console)
+    start_step, resumed = resume(run_dir, run_info, config, model, optimizer, loader, clip, ema,
+                                 console)
     write_run_files(run_dir, config, run_info)
 
     # Evaluation stays eager (a second, no-grad graph would cost a compile) and scores "lm".
@@ -83,6 +85,9 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                  [o.name for o in config.train.objectives])
     train_loss_fn = compiled(train_loss_fn) if config.train.compile else train_loss_fn
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    events = MetricsLog(run_dir / "events.jsonl")
+    nan_steps = config.faults.nan_steps()
+    skipped_steps = resumed.get("skipped_steps", 0)
     tc = config.train
     last_step = min(tc.max_steps, until_step or tc.max_steps)
     step, loss, val_loss, saved = start_step, None, None, None
@@ -96,10 +101,14 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
             clip_norm = clip.threshold()
             outcome = train_step(train_loss_fn, model, optimizer,
                                  batch.micro_batches(micro_rows(config, batch)), clip_norm,
-                                 {o.name: o.weight_at(step) for o in tc.objectives})
+                                 {o.name: o.weight_at(step) for o in tc.objectives},
+                                 poison=step + 1 in nan_steps)
             loss, grad_norm = outcome.loss, outcome.grad_norm
             clip.record(grad_norm)
-            if ema is not None:
+            if outcome.skipped:
+                skipped_steps += 1
+                events.write(nonfinite_event(step + 1, outcome, skipped_steps))
+            elif ema is not None:
                 ema.update_parameters(model)
             tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
             beta1, beta2 = effective_betas(config.optim, step)
@@ -108,6 +117,8 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                            **objective_metrics(config, outcome, step - 1),
                            "clip_norm": clip_norm, "beta1_eff": beta1, "beta2_eff": beta2,
                            "tokens_per_s": round(tokens_per_s, 1),
+                           **({"skipped": True} if outcome.skipped else {}),
+                           **({"skipped_steps": skipped_steps} if skipped_steps else {}),
                            **data_metrics(loader, batch)})
             step_val_loss = None
             if tc.eval_every_steps and (step % tc.eval_every_steps == 0 or step == tc.max_steps):
@@ -127,7 +138,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                   for d, w in zip(loader.domains, weights)}})
             if step % config.checkpoint.every_steps == 0 or step == last_step:
                 state = {"rng": rng_state(), "loader": loader.state_dict(),
-                         "clip": clip.state_dict(),
+                         "clip": clip.state_dict(), "skipped_steps": skipped_steps,
                          "ema_updates": int(ema.n_averaged) if ema is not None else 0}
                 saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config,
                                              run_info, config.checkpoint.keep_last,
@@ -135,6 +146,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
                                              ema=ema.module if ema is not None else None)
             progress.update(step, loss, tokens_per_s, step_val_loss)
     metrics.close()
+    events.close()
     loader.close()
     return TrainResult(run_dir, step, start_step or None, loss, val_loss, saved)
 
@@ -170,6 +182,14 @@ def objective_metrics(config: RunConfig, outcome: StepOutcome, step: int) -> dic
     record = {f"loss.{name}": value for name, value in outcome.terms.items()}
     record |= {f"weight.{o.name}": o.weight_at(step) for o in config.train.objectives}
     return record
+
+
+def nonfinite_event(step: int, outcome: StepOutcome, skipped_steps: int) -> dict:
+    """The events.jsonl line of a skipped step; `runbook` names its entry in docs/runbooks.md."""
+    return {"step": step, "event": "nonfinite_step_skipped", "severity": "warning",
+            "runbook": "nonfinite-step", "loss": outcome.loss, "grad_norm": outcome.grad_norm,
+            "skipped_steps": skipped_steps,
+            "action": "skipped the update: weights and optimizer state unchanged"}
 
 
 def ema_with_warmup(decay: float) -> Callable:
@@ -264,16 +284,19 @@ class StepOutcome(NamedTuple):
     """Global gradient norm before clipping."""
     terms: dict[str, float]
     """Every objective per target token, unweighted, and "total": the weighted sum."""
+    skipped: bool = False
+    """The loss or the gradient norm was NaN/Inf: the optimizer did not step."""
 
 
 def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
                batches: list[MicroBatch], clip_norm: float | None,
-               weights: dict[str, float] | None = None) -> StepOutcome:
+               weights: dict[str, float] | None = None, poison: bool = False) -> StepOutcome:
     """One optimizer step over the micro-batches on Σ weight × objective (default: lm alone).
 
     Each objective is summed over tokens and divided by the target tokens of *all*
     micro-batches, so accumulation gives the same gradient as one big batch whatever the
-    micro-batch split.
+    micro-batch split. A NaN/Inf loss or gradient norm skips the update (the weights and the
+    optimizer state stay as they were). `poison` makes the loss NaN (fault injection).
     """
     weights = weights or {"lm": 1.0}
     num_targets = sum(batch.targets.numel() for batch in batches)
@@ -281,6 +304,8 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     for batch in batches:
         sums = loss_fn(batch)
         loss = sum(weight * sums[name] for name, weight in weights.items()) / num_targets
+        if poison:
+            loss = loss * float("nan")
         loss.backward()
         for name, value in [*sums.items(), ("total", loss * num_targets)]:
             value = value.detach() / num_targets
@@ -290,11 +315,14 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # The one host sync of the step, before the update: it decides whether there is one.
     *term_values, norm_value = torch.stack([*totals.values(), grad_norm.float()]).tolist()
-    terms = dict(zip(totals, term_values))  # one host sync for all of them
-    return StepOutcome(terms["lm"], norm_value, terms)
+    terms = dict(zip(totals, term_values))
+    finite = math.isfinite(terms["total"]) and math.isfinite(norm_value)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(terms["lm"], norm_value, terms, skipped=not finite)
 
 
 class Evaluator:
@@ -396,13 +424,14 @@ def _trajectory_config(config: RunConfig) -> dict:
 
 def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
            optimizer: torch.optim.Optimizer, loader: TrainLoader, clip: AdaptiveClip,
-           ema: AveragedModel | None, console: Console) -> int:
-    """Load the newest valid checkpoint of `run_dir` into the objects; return its step (or 0)."""
+           ema: AveragedModel | None, console: Console) -> tuple[int, dict]:
+    """Load the newest valid checkpoint of `run_dir` into the objects; return its step and
+    state (0 and {} when there is none)."""
     ckpt.remove_stale_temporaries(run_dir)
     restored = ckpt.load_newest_valid(
         run_dir, warn=lambda m: console.print("[yellow]warning:[/]", escape(m)), quarantine=True)
     if restored is None:
-        return 0
+        return 0, {}
     saved_info = json.loads((restored.path / "run.json").read_text())
     if saved_info["resume_key"] != run_info["resume_key"]:
         raise HeloxError(f"{run_dir} holds checkpoints of a different run: "
@@ -417,8 +446,9 @@ def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
         ema.n_averaged.fill_(restored.state["ema_updates"])
     set_rng_state(restored.state["rng"])
     truncate_after_step(run_dir / "metrics.jsonl", restored.step)
+    truncate_after_step(run_dir / "events.jsonl", restored.step)
     console.print(f"resuming from {restored.path.name}")
-    return restored.step
+    return restored.step, restored.state
 
 
 def _describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info: dict) -> str:
