@@ -75,8 +75,7 @@ def split_streams(dataset: DatasetVersion, split: str, block_len: int) -> list[S
     streams = []
     for domain in dataset.domains(split):
         shards = [s for s in dataset.split(split)["shards"] if s["domain"] == domain]
-        streams.append(Stream(domain, tuple(str(dataset.path / s["file"]) for s in shards),
-                              tuple(max(0, (s["num_tokens"] - 1) // block_len) for s in shards)))
+        streams.append(shard_stream(domain, dataset, shards, block_len))
     return streams
 
 
@@ -92,8 +91,13 @@ def injected_stream(dataset: DatasetVersion, name: str, other: DatasetVersion,
                          f"tokenizer than the run's dataset {dataset.version}",
                          hint=f"prepare '{name}' with tokenizer.path set to "
                               f"{dataset.tokenizer_path}")
-    shards = other.split("train")["shards"]
-    return Stream(name, tuple(str(other.path / s["file"]) for s in shards),
+    return shard_stream(name, other, other.split("train")["shards"], block_len)
+
+
+def shard_stream(name: str, dataset: DatasetVersion, shards: list[dict],
+                 block_len: int) -> Stream:
+    """A stream over manifest shard entries: a shard of n tokens holds (n - 1) // L blocks."""
+    return Stream(name, tuple(str(dataset.path / s["file"]) for s in shards),
                   tuple(max(0, (s["num_tokens"] - 1) // block_len) for s in shards))
 
 

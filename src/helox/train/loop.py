@@ -62,8 +62,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     model = Llama(config.model).to(device)
     optimizer = build_optimizer(model, config.optim)
     clip = AdaptiveClip(config.optim.adaptive_clip, config.optim.grad_clip_norm)
-    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(config.train.ema_decay))
-           if config.train.ema_decay else None)
+    ema = ema_model(model, config.train.ema_decay) if config.train.ema_decay else None
     injected = {stage.dataset: open_named(config, stage.dataset)
                 for stage in config.curriculum.inject if stage.dataset}
     loader = TrainLoader(dataset, loader_options(config), injected=injected)
@@ -192,18 +191,21 @@ def nonfinite_event(step: int, outcome: StepOutcome, skipped_steps: int) -> dict
             "action": "skipped the update: weights and optimizer state unchanged"}
 
 
-def ema_with_warmup(decay: float) -> Callable:
-    """torch.optim.swa_utils' multi_avg_fn for an EMA whose decay warms up as
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """torch.optim.swa_utils.AveragedModel keeping an EMA whose decay warms up as
     min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's and timm's rule), so the
-    average does not drag the random initial weights along for ~1 / (1 - decay) steps."""
+    average does not drag the random initial weights along for ~1 / (1 - decay) steps.
+    n is read from the model's own counter, which stays on the CPU: no device sync."""
+    ema = AveragedModel(model)
 
     def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor],
-               num_averaged: torch.Tensor) -> None:
-        n = int(num_averaged)
+               _num_averaged_on_device: torch.Tensor) -> None:
+        n = int(ema.n_averaged)
         step_decay = min(decay, (1 + n) / (10 + n))
         torch._foreach_lerp_(ema_params, model_params, 1.0 - step_decay)
 
-    return update
+    ema.multi_avg_fn = update
+    return ema
 
 
 def loader_options(config: RunConfig) -> LoaderOptions:
