@@ -9,7 +9,7 @@ What is measured, in one process, the model and loader variants interleaved over
 (each variant's result is its median over the rounds):
 - model consumption: full optimizer steps of the quickstart model (helox.model.llama.Llama,
   d_model 256, 4 layers, GQA 4/2 heads, vocab of the tokenizer) through Helox's real step,
-  `helox.train.loop.train_step`, with `build_optimizer` and the LR schedule, on batches read
+  `helox.train.step.train_step`, with `build_optimizer` and the LR schedule, on batches read
   beforehand: "helox default" as `helox train` runs the recipe (`pick_precision("auto")`, bf16
   autocast where the CPU has native bf16, and `train.compile`), and the same precision eager.
   The compiled variant's first step compiles; it is reported apart and never timed (the inductor
@@ -59,8 +59,8 @@ from helox.data.shards import DatasetVersion
 from helox.model.llama import Llama
 from helox.repro import seed_everything
 from helox.testing.tiny import QUICKSTART
-from helox.train.loop import (compiled, make_loss_fn, micro_rows, pick_precision,
-                              resolve_vocab_size, train_step)
+from helox.train.loop import micro_rows, resolve_vocab_size
+from helox.train.step import compiled, make_loss_fn, pick_precision, train_step
 from helox.train.optim import build_optimizer, lr_at, set_lr
 
 DEVICE = torch.device("cpu")

@@ -5,7 +5,7 @@ lr 3e-4 betas (0.9, 0.95) wd 0.1, zero_grad) of the reference shape of ../shared
 layers, d_model 384, 6 heads (MHA), SwiGLU width 1024, context 256, vocab 8192, micro-batch 8
 (2,048 tokens per step), untied embeddings, on random token batches (fixed seed, no data loading).
 
-- Helox runs its real step, `helox.train.loop.train_step`, with the optimizer from
+- Helox runs its real step, `helox.train.step.train_step`, with the optimizer from
   `build_optimizer`: "helox default" as the config defaults set it (the precision
   `pick_precision("auto")` resolves to, bf16 autocast with fp32 master weights where the CPU has
   native bf16, and `train.compile`), then eagerly in that precision and in fp32.
@@ -46,7 +46,7 @@ from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
 from helox.repro import seed_everything
 from helox.data.loader import MicroBatch
-from helox.train.loop import compiled, make_loss_fn, pick_precision, train_step
+from helox.train.step import compiled, make_loss_fn, pick_precision, train_step
 from helox.train.optim import build_optimizer
 
 DEVICE = torch.device("cpu")

@@ -205,9 +205,17 @@ class TrainConfig(StrictModel):
     """Micro-batches accumulated into one optimizer step."""
     seq_len: int = Field(default=256, gt=0)
     """Tokens per training sequence (must not exceed model.max_seq_len)."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: bf16 autocast with fp32 master weights, or fp32; auto picks bf16
-    where the device runs bf16 matmuls natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: bf16 autocast with fp32 master weights, fp16 autocast with dynamic
+    loss scaling (torch.amp.GradScaler), or fp32; auto picks bf16 where the device runs bf16
+    matmuls natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    fp32_modules: list[str] = ["*norm"]
+    """Per-layer precision policy: modules whose names match one of these glob patterns
+    (`fnmatch` on names such as `blocks.0.attn_norm`, `norm`, `lm_head`) compute in fp32
+    under bf16/fp16 autocast. `helox train --dry-run` shows what each pattern matched."""
+    activation_checkpointing: bool | list[int] = False
+    """Recompute block activations in the backward pass instead of keeping them: true for
+    every block, or a list of block indices. Trades ~1/3 more compute for memory."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto takes CUDA when present."""
     compile: bool = True
@@ -306,8 +314,18 @@ class OptimConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     every_steps: int = Field(default=100, gt=0)
     """Save a checkpoint every this many steps (and always at the last step)."""
+    every_minutes: float | None = Field(default=None, gt=0)
+    """Also save when this many minutes of wall-clock time have passed since the last save
+    (long steps, preemptible machines); None saves by steps only."""
     keep_last: int = Field(default=3, ge=1)
     """Keep this many newest checkpoints; older ones are deleted after a successful save."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest validation loss (checkpoints/best.json names
+    it), whatever keep_last deletes."""
+    async_save: bool = True
+    """Write checkpoints from a background thread: the step only waits for the state to be
+    copied to host memory, not for the disk. A save still in flight when the next one is due
+    is waited for first, so at most one is being written."""
 
 
 class SampleConfig(StrictModel):
@@ -322,21 +340,95 @@ class SampleConfig(StrictModel):
 
 
 class FaultConfig(StrictModel):
+    """Faults injected on purpose, for tests and for operators rehearsing the runbook. Steps
+    are numbered as in metrics.jsonl (the update logged as step k). Each list also reads an
+    environment variable (HELOX_FAULT_NAN_AT=5,9 and so on). Not part of the trajectory, so
+    they may change on resume."""
+
     nan_loss_at_steps: list[int] = []
-    """Make the loss (and so every gradient) NaN at these steps, numbered as in metrics.jsonl
-    (the update logged as step k); also HELOX_FAULT_NAN_AT=k1,k2 in the environment. For
-    tests and for operators rehearsing the runbook; not part of the trajectory, so it may
-    change on resume."""
+    """Make the loss (and so every gradient) NaN at these steps (HELOX_FAULT_NAN_AT)."""
+    spike_at_steps: list[int] = []
+    """Multiply the loss (and so every gradient) by spike_factor at these steps
+    (HELOX_FAULT_SPIKE_AT)."""
+    spike_factor: float = Field(default=10.0, gt=0)
+    """How large an injected spike is."""
+    corrupt_batch_at_steps: list[int] = []
+    """Replace the batch's tokens with uniformly random ones at these steps, as a corrupted
+    shard would (HELOX_FAULT_CORRUPT_AT)."""
+    crash_during_save_at_step: int | None = Field(default=None, gt=0)
+    """Kill the process (as `kill -9` would) halfway through writing this step's checkpoint
+    (HELOX_FAULT_CRASH_SAVE_AT)."""
 
     def nan_steps(self) -> set[int]:
-        steps = set(self.nan_loss_at_steps)
-        raw = os.environ.get("HELOX_FAULT_NAN_AT", "")
+        return self._steps(self.nan_loss_at_steps, "HELOX_FAULT_NAN_AT")
+
+    def spike_steps(self) -> set[int]:
+        return self._steps(self.spike_at_steps, "HELOX_FAULT_SPIKE_AT")
+
+    def corrupt_steps(self) -> set[int]:
+        return self._steps(self.corrupt_batch_at_steps, "HELOX_FAULT_CORRUPT_AT")
+
+    def crash_save_steps(self) -> set[int]:
+        listed = [self.crash_during_save_at_step] if self.crash_during_save_at_step else []
+        return self._steps(listed, "HELOX_FAULT_CRASH_SAVE_AT")
+
+    @staticmethod
+    def _steps(listed: list[int], variable: str) -> set[int]:
+        raw = os.environ.get(variable, "")
         try:
-            steps |= {int(part) for part in raw.split(",") if part.strip()}
+            return set(listed) | {int(part) for part in raw.split(",") if part.strip()}
         except ValueError:
-            raise HeloxError(f"HELOX_FAULT_NAN_AT={raw!r} is not a list of step numbers",
-                             hint="set it like HELOX_FAULT_NAN_AT=5,9, or unset it") from None
-        return steps
+            raise HeloxError(f"{variable}={raw!r} is not a list of step numbers",
+                             hint=f"set it like {variable}=5,9, or unset it") from None
+
+
+class SpikeConfig(StrictModel):
+    """A step's loss is a spike when its robust z-score against the recent losses,
+    (loss − median) / (1.4826 · MAD), exceeds z_threshold and the loss is at least
+    min_relative_increase above the median."""
+
+    window_steps: int = Field(default=50, gt=1)
+    """Losses of this many recent accepted steps form the reference."""
+    min_history: int = Field(default=20, gt=1)
+    """Losses needed before spikes are detected."""
+    z_threshold: float = Field(default=6.0, gt=0)
+    """Robust z-score above which a loss is a spike."""
+    min_relative_increase: float = Field(default=0.05, ge=0)
+    """And the loss must exceed the median by this fraction (a flat, noiseless loss has a
+    MAD of ~0, where any wiggle would have a huge z-score)."""
+    skip_update: bool = True
+    """Do not apply a spike step's update (like a NaN step); false only logs it."""
+
+    @model_validator(mode="after")
+    def _history_fits(self) -> SpikeConfig:
+        if self.min_history > self.window_steps:
+            raise ValueError(f"min_history {self.min_history} exceeds window_steps "
+                             f"{self.window_steps}")
+        return self
+
+
+class RollbackConfig(StrictModel):
+    after_bad_steps: int = Field(default=3, gt=0)
+    """Roll back after this many consecutive bad steps (NaN/Inf or spike)."""
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    """Multiply the learning rate by this for the cool-down after a rollback (again for each
+    rollback during a cool-down)."""
+    cooldown_steps: int = Field(default=100, ge=0)
+    """Steps the cut learning rate lasts."""
+    max_rollbacks: int = Field(default=3, ge=0)
+    """Rollbacks allowed in the run; one more bad streak stops it with a diagnosis."""
+
+
+class StabilityConfig(StrictModel):
+    """Detection of bad steps and the automatic recovery (docs/runbooks.md). An operator's
+    knobs: they may change on resume."""
+
+    spike: SpikeConfig | None = SpikeConfig()
+    """Loss-spike detection; None disables it (NaN/Inf steps are always skipped)."""
+    rollback: RollbackConfig | None = RollbackConfig()
+    """What a streak of bad steps triggers: back to the newest checkpoint before the streak,
+    the data of the streak skipped, the LR cut for a cool-down. None: bad steps are only
+    skipped and logged."""
 
 
 class RunConfig(StrictModel):
@@ -363,6 +455,8 @@ class RunConfig(StrictModel):
     """Sequence-length, batch-size and task-injection schedules."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpoint cadence and retention."""
+    stability: StabilityConfig = StabilityConfig()
+    """Loss-spike detection and rollback."""
     faults: FaultConfig = FaultConfig()
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()

@@ -19,7 +19,8 @@ from helox.testing.tiny import QUICKSTART, tiny_config, tiny_mixed_config
 from helox.train.checkpoint import list_checkpoints, load_trained_model
 from helox.model.llama import Llama
 from helox.data.loader import MicroBatch
-from helox.train.loop import compiled, make_loss_fn, train, train_step
+from helox.train.loop import train
+from helox.train.step import compiled, make_loss_fn, train_step
 
 
 def run(config, dataset, run_dir, until_step=None, console=None):
