@@ -280,7 +280,7 @@ def test_an_injected_nan_step_is_skipped_logged_and_the_run_recovers(tiny_datase
     run(faulty, tiny_dataset, tmp_path / "faulty")  # resumes from step 4 and completes
     records = [m for m in read_metrics(tmp_path / "faulty" / "metrics.jsonl") if "loss" in m]
     assert [r["step"] for r in records] == list(range(1, 17))
-    assert records[3]["skipped"] is True and math.isnan(records[3]["grad_norm"])
+    assert records[3]["skipped"] == "nonfinite" and math.isnan(records[3]["grad_norm"])
     assert all(r["skipped_steps"] == 1 for r in records[3:]) and "skipped" not in records[4]
     events = read_metrics(tmp_path / "faulty" / "events.jsonl")
     assert [(e["step"], e["event"], e["runbook"]) for e in events] == [

@@ -35,6 +35,7 @@ Legend: N rows of a step, T sequence length, L block length (train.seq_len).
 
 from __future__ import annotations
 
+import signal
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -538,7 +539,8 @@ class TrainLoader:
         workers = self.options.num_workers
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                                   prefetch_factor=2 if workers else None,
-                                  pin_memory=torch.cuda.is_available())
+                                  pin_memory=torch.cuda.is_available(),
+                                  worker_init_fn=_ignore_interrupts if workers else None)
         self._iterator = iter(self._loader)
 
     def close(self) -> None:
@@ -635,6 +637,13 @@ class TrainLoader:
         injected = {s.stream for s in self.options.curriculum.inject}
         natural = {s.name: s.num_blocks for s in streams}
         return initial_weights(self.options.mixture, self.domains, natural, injected)
+
+
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: workers leave it to the trainer, which
+    checkpoints and then closes them (a worker dying of KeyboardInterrupt would abort the
+    step being finished)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_shape(options: LoaderOptions, world_size: int) -> None:

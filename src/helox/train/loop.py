@@ -1,4 +1,5 @@
-"""The training loop. `train` reads top to bottom: build, resume, then step / log / eval / save.
+"""The training loop. `train` reads top to bottom: build, resume, then per step: train, log,
+evaluate, rebalance, recover, save.
 
 Legend: B micro-batch size, T sequence length, V vocabulary.
 """
@@ -6,6 +7,8 @@ Legend: B micro-batch size, T sequence length, V vocabulary.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,14 @@ from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.train import checkpoint as ckpt
 from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
+from helox.train.stability import Recovery, SpikeDetector
 from helox.train.step import (LossFn, StepOutcome, compiled, make_loss_fn, pick_precision,
                               train_step)
 
 # Config fields that may change when resuming: they do not change the trajectory (compile
 # changes only rounding, and turning it off must stay possible when a compiler breaks; the data
-# order does not depend on the number of data workers).
+# order does not depend on the number of data workers). The `stability`, `checkpoint` and
+# `faults` sections are not part of the trajectory either: they are the operator's knobs.
 RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers"}}
 
 
@@ -44,108 +49,317 @@ class TrainResult:
     last_loss: float | None
     last_val_loss: float | None
     checkpoint: Path | None
+    stopped_by: str | None = None
+    """The signal (SIGTERM, SIGINT) that ended the run early after a checkpoint, if any."""
 
 
 def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step: int | None = None,
           console: Console | None = None) -> TrainResult:
     """Train (or resume) the run in `run_dir` up to train.max_steps, or `until_step` if given
-    (the schedule still targets max_steps, as when a job is preempted)."""
-    console = console or Console(stderr=True)
-    run_dir = Path(run_dir)
-    config = resolve_vocab_size(config, dataset)
-    device = pick_device(config.train.device)
-    precision = pick_precision(config.train.precision, device)
-    # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
-    seed_everything(config.train.seed, config.train.deterministic or device.type == "cpu")
-    model = Llama(config.model).to(device)
-    optimizer = build_optimizer(model, config.optim)
-    clip = AdaptiveClip(config.optim.adaptive_clip, config.optim.grad_clip_norm)
-    ema = ema_model(model, config.train.ema_decay) if config.train.ema_decay else None
-    injected = {stage.dataset: open_named(config, stage.dataset)
-                for stage in config.curriculum.inject if stage.dataset}
-    loader = TrainLoader(dataset, loader_options(config), injected=injected)
-    evaluator = Evaluator(dataset, config, loader)
-    injected_versions = {name: d.version for name, d in injected.items()}
-    run_info = {**run_fingerprint(config.sha256(), dataset.version),
-                "resume_key": resume_key(config, dataset.version, injected_versions),
-                "injected_datasets": injected_versions,
-                "dataset_path": str(dataset.path),
-                "precision": precision, "device": str(device)}
-    start_step, resumed = resume(run_dir, run_info, config, model, optimizer, loader, clip, ema,
-                                 console)
-    write_run_files(run_dir, config, run_info)
+    (the schedule still targets max_steps, as when a job is preempted). SIGTERM or SIGINT
+    finishes the current step, checkpoints and returns (`stopped_by`)."""
+    trainer = Trainer(config, Path(run_dir), dataset, console or Console(stderr=True))
+    try:
+        with StopSignals() as signals:
+            return trainer.run(until_step, signals)
+    finally:
+        trainer.close()
 
-    # Evaluation stays eager (a second, no-grad graph would cost a compile) and scores "lm".
-    loss_fn = make_loss_fn(model, device, precision)
-    ema_loss_fn = make_loss_fn(ema.module, device, precision) if ema else None
-    train_loss_fn = make_loss_fn(model, device, precision,
-                                 [o.name for o in config.train.objectives])
-    train_loss_fn = compiled(train_loss_fn) if config.train.compile else train_loss_fn
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    events = MetricsLog(run_dir / "events.jsonl")
-    nan_steps = config.faults.nan_steps()
-    skipped_steps = resumed.get("skipped_steps", 0)
-    tc = config.train
-    last_step = min(tc.max_steps, until_step or tc.max_steps)
-    step, loss, val_loss, saved = start_step, None, None, None
-    announce(console, model, device, precision, config, start_step, last_step, loader, run_dir)
-    with StepProgress(console, tc.max_steps, start_step) as progress:
-        while step < last_step:
-            lr = lr_at(step, config.optim, tc.max_steps) * loader.curriculum.lr_factor(step)
-            set_lr(optimizer, lr)
-            started = time.perf_counter()
-            batch = loader.next_step()
-            clip_norm = clip.threshold()
-            outcome = train_step(train_loss_fn, model, optimizer,
-                                 batch.micro_batches(micro_rows(config, batch)), clip_norm,
-                                 {o.name: o.weight_at(step) for o in tc.objectives},
-                                 poison=step + 1 in nan_steps)
-            loss, grad_norm = outcome.loss, outcome.grad_norm
-            clip.record(grad_norm)
-            if outcome.skipped:
-                skipped_steps += 1
-                events.write(nonfinite_event(step + 1, outcome, skipped_steps))
-            elif ema is not None:
-                ema.update_parameters(model)
-            tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
-            beta1, beta2 = effective_betas(config.optim, step)
-            step += 1
-            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           **objective_metrics(config, outcome, step - 1),
-                           "clip_norm": clip_norm, "beta1_eff": beta1, "beta2_eff": beta2,
-                           "tokens_per_s": round(tokens_per_s, 1),
-                           **({"skipped": True} if outcome.skipped else {}),
-                           **({"skipped_steps": skipped_steps} if skipped_steps else {}),
-                           **data_metrics(loader, batch)})
-            step_val_loss = None
-            if tc.eval_every_steps and (step % tc.eval_every_steps == 0 or step == tc.max_steps):
-                val_loss, by_domain = evaluator.losses(loss_fn, model, "eval")
-                step_val_loss = val_loss
-                record = {"step": step, "val_loss": val_loss,
-                          **{f"val_loss.{d}": v for d, v in by_domain.items()}}
-                if ema is not None:
-                    record["val_loss_ema"] = evaluator.losses(ema_loss_fn, ema.module, "eval")[0]
-                metrics.write(record)
-            if loader.rebalance_due(step):
-                _, by_domain = evaluator.losses(loss_fn, model, "rebalance")
-                weights = loader.rebalance(step, by_domain)
-                metrics.write({"step": step, "event": "rebalance",
-                               **{f"rebalance_loss.{d}": v for d, v in by_domain.items()},
-                               **{f"rebalance_weight.{d}": w
-                                  for d, w in zip(loader.domains, weights)}})
-            if step % config.checkpoint.every_steps == 0 or step == last_step:
-                state = {"rng": rng_state(), "loader": loader.state_dict(),
-                         "clip": clip.state_dict(), "skipped_steps": skipped_steps,
-                         "ema_updates": int(ema.n_averaged) if ema is not None else 0}
-                saved = ckpt.save_checkpoint(run_dir, step, model, optimizer, state, config,
-                                             run_info, config.checkpoint.keep_last,
-                                             extra_files={"tokenizer.json": dataset.tokenizer_path},
-                                             ema=ema.module if ema is not None else None)
-            progress.update(step, loss, tokens_per_s, step_val_loss)
-    metrics.close()
-    events.close()
-    loader.close()
-    return TrainResult(run_dir, step, start_step or None, loss, val_loss, saved)
+
+class StopSignals:
+    """SIGTERM (preemption, `kill`) and SIGINT (Ctrl-C) only raise a flag: the loop finishes
+    its step, checkpoints and returns. A second SIGINT interrupts at once. Handlers can only
+    be installed from the main thread; elsewhere signals keep their default behaviour."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """Everything a run holds: model, optimizer, data, monitors, logs. `run` is the loop."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, dataset: DatasetVersion,
+                 console: Console):
+        self.console, self.run_dir, self.dataset = console, run_dir, dataset
+        self.config = config = resolve_vocab_size(config, dataset)
+        self.device = pick_device(config.train.device)
+        self.precision = pick_precision(config.train.precision, self.device)
+        # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
+        seed_everything(config.train.seed,
+                        config.train.deterministic or self.device.type == "cpu")
+        self.model = Llama(config.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.clip = AdaptiveClip(config.optim.adaptive_clip, config.optim.grad_clip_norm)
+        self.ema = ema_model(self.model, config.train.ema_decay) if config.train.ema_decay \
+            else None
+        self.detector = SpikeDetector(config.stability.spike)
+        self.recovery = Recovery(config.stability.rollback)
+        injected = {stage.dataset: open_named(config, stage.dataset)
+                    for stage in config.curriculum.inject if stage.dataset}
+        self.loader = TrainLoader(dataset, loader_options(config), injected=injected)
+        self.evaluator = Evaluator(dataset, config, self.loader)
+        injected_versions = {name: d.version for name, d in injected.items()}
+        self.run_info = {**run_fingerprint(config.sha256(), dataset.version),
+                         "resume_key": resume_key(config, dataset.version, injected_versions),
+                         "injected_datasets": injected_versions,
+                         "dataset_path": str(dataset.path),
+                         "precision": self.precision, "device": str(self.device)}
+        self.step, self.skipped_steps = 0, 0
+        self.resumed_from: int | None = None
+        self.metrics = self.events = None
+        self.faults = (config.faults.nan_steps(), config.faults.spike_steps(),
+                       config.faults.corrupt_steps())
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, until_step: int | None, signals: StopSignals) -> TrainResult:
+        config, tc = self.config, self.config.train
+        self.resume()
+        write_run_files(self.run_dir, config, self.run_info)
+        # Evaluation stays eager (a second, no-grad graph would cost a compile) and scores "lm".
+        self.eval_loss_fn = make_loss_fn(self.model, self.device, self.precision)
+        self.ema_loss_fn = make_loss_fn(self.ema.module, self.device, self.precision) \
+            if self.ema else None
+        loss_fn = make_loss_fn(self.model, self.device, self.precision,
+                               [o.name for o in tc.objectives])
+        self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.events = MetricsLog(self.run_dir / "events.jsonl")
+        last_step = min(tc.max_steps, until_step or tc.max_steps)
+        loss, val_loss, saved, stopped_by = None, None, None, None
+        self.last_save_time = time.monotonic()
+        announce(self.console, self.model, self.device, self.precision, config, self.step,
+                 last_step, self.loader, self.run_dir)
+        with StepProgress(self.console, tc.max_steps, self.step) as progress:
+            while self.step < last_step:
+                outcome, tokens_per_s = self.train_one_step()
+                loss = outcome.loss
+                step_val_loss = self.evaluate_if_due()
+                val_loss = step_val_loss if step_val_loss is not None else val_loss
+                self.rebalance_if_due()
+                if self.recovery.due(self.detector):
+                    self.roll_back()
+                    saved = self.save(step_val_loss)
+                elif self.save_due(last_step):
+                    saved = self.save(step_val_loss)
+                progress.update(self.step, loss, tokens_per_s, step_val_loss)
+                if signals.received and self.step < last_step:
+                    stopped_by = signals.received
+                    saved = self.stop_for_signal(stopped_by, saved, step_val_loss)
+                    break
+        return TrainResult(self.run_dir, self.step, self.resumed_from, loss, val_loss, saved,
+                           stopped_by)
+
+    def train_one_step(self) -> tuple[StepOutcome, float]:
+        """One optimizer step with its metrics line (and events line when it was bad)."""
+        config, tc = self.config, self.config.train
+        step, number = self.step, self.step + 1  # `number`: how metrics.jsonl counts it
+        lr_factor = self.recovery.lr_factor(number)
+        lr = lr_at(step, config.optim, tc.max_steps) * \
+            self.loader.curriculum.lr_factor(step) * lr_factor
+        set_lr(self.optimizer, lr)
+        started = time.perf_counter()
+        batch = self.loader.next_step()
+        nan_steps, spike_steps, corrupt_steps = self.faults
+        if number in corrupt_steps:
+            batch = corrupted(batch, self.dataset.vocab_size, tc.seed)
+        clip_norm = self.clip.threshold()
+        outcome = train_step(self.train_loss_fn, self.model, self.optimizer,
+                             batch.micro_batches(micro_rows(config, batch)), clip_norm,
+                             {o.name: o.weight_at(step) for o in tc.objectives},
+                             poison=number in nan_steps,
+                             loss_factor=config.faults.spike_factor if number in spike_steps
+                             else 1.0, gate=self.detector.gate)
+        z_score = self.detector.z_score(outcome.loss)
+        bad = self.detector.record(number, outcome.loss, outcome.skip_reason)
+        if outcome.skipped:
+            self.skipped_steps += 1
+        else:
+            self.clip.record(outcome.grad_norm)
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+        tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
+        beta1, beta2 = effective_betas(config.optim, step)
+        self.step = number
+        self.metrics.write({
+            "step": number, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
+            **objective_metrics(config, outcome, step), "clip_norm": clip_norm,
+            "beta1_eff": beta1, "beta2_eff": beta2, "tokens_per_s": round(tokens_per_s, 1),
+            **({"skipped": outcome.skip_reason} if outcome.skipped else {}),
+            **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
+            **({"lr_cooldown_factor": lr_factor} if lr_factor != 1.0 else {}),
+            **data_metrics(self.loader, batch)})
+        if bad:
+            self.events.write(bad_step_event(number, bad, outcome, z_score, self.detector,
+                                             self.skipped_steps))
+        return outcome, tokens_per_s
+
+    def evaluate_if_due(self) -> float | None:
+        tc = self.config.train
+        if not tc.eval_every_steps or (self.step % tc.eval_every_steps
+                                       and self.step != tc.max_steps):
+            return None
+        val_loss, by_domain = self.evaluator.losses(self.eval_loss_fn, self.model, "eval")
+        record = {"step": self.step, "val_loss": val_loss,
+                  **{f"val_loss.{d}": v for d, v in by_domain.items()}}
+        if self.ema is not None:
+            record["val_loss_ema"] = self.evaluator.losses(self.ema_loss_fn, self.ema.module,
+                                                           "eval")[0]
+        self.metrics.write(record)
+        return val_loss
+
+    def rebalance_if_due(self) -> None:
+        if not self.loader.rebalance_due(self.step):
+            return
+        _, by_domain = self.evaluator.losses(self.eval_loss_fn, self.model, "rebalance")
+        weights = self.loader.rebalance(self.step, by_domain)
+        self.metrics.write({"step": self.step, "event": "rebalance",
+                            **{f"rebalance_loss.{d}": v for d, v in by_domain.items()},
+                            **{f"rebalance_weight.{d}": w
+                               for d, w in zip(self.loader.domains, weights)}})
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def roll_back(self) -> None:
+        """Back to the newest checkpoint before the bad streak; the data moves on (the window
+        is skipped) and the LR is cut for a cool-down. Stops the run past the budget."""
+        streak_start, step = self.detector.streak_start, self.step
+        if self.recovery.budget_left <= 0:
+            self.stop_run(f"{self.detector.streak} bad steps in a row (steps {streak_start}–"
+                          f"{step}) and the rollback budget is spent "
+                          f"({self.recovery.rollbacks} of stability.rollback.max_rollbacks="
+                          f"{self.recovery.config.max_rollbacks})", "rollback-budget")
+        target = checkpoint_before(self.run_dir, streak_start, self.warn)
+        if target is None:
+            self.stop_run(f"{self.detector.streak} bad steps in a row (steps {streak_start}–"
+                          f"{step}) and no valid checkpoint before step {streak_start} to roll "
+                          f"back to", "rollback-budget")
+        self.load_model_state(target)
+        self.detector.restore_reference(
+            target.state.get("stability", {}).get("detector", {"history": []}))
+        self.recovery.start_cooldown(step)
+        cfg = self.recovery.config
+        self.events.write({
+            "step": step, "event": "rollback", "severity": "critical", "runbook": "rollback",
+            "bad_steps": [streak_start, step], "checkpoint": target.path.name,
+            "restored_step": target.step, "skipped_data_steps": [target.step + 1, step],
+            "lr_factor": self.recovery.cooldown_factor,
+            "cooldown_until_step": self.recovery.cooldown_until,
+            "rollbacks": self.recovery.rollbacks, "max_rollbacks": cfg.max_rollbacks,
+            "action": f"weights, optimizer, EMA and clipping window of step {target.step} "
+                      f"restored; batches of steps {target.step + 1}–{step} skipped; LR × "
+                      f"{self.recovery.cooldown_factor:g} until step "
+                      f"{self.recovery.cooldown_until}"})
+        self.console.print(f"[yellow]rollback:[/] steps {streak_start}–{step} were bad; "
+                           f"restored {target.path.name}, LR × "
+                           f"{self.recovery.cooldown_factor:g} for {cfg.cooldown_steps} steps "
+                           f"(rollback {self.recovery.rollbacks} of {cfg.max_rollbacks})")
+
+    def stop_run(self, diagnosis: str, runbook: str) -> None:
+        self.events.write({"step": self.step, "event": "run_stopped", "severity": "critical",
+                           "runbook": runbook, "diagnosis": diagnosis,
+                           **self.detector.reference()})
+        raise HeloxError(f"training stopped at step {self.step}: {diagnosis}",
+                         hint=f"see docs/runbooks.md#{runbook} and {self.run_dir}/events.jsonl; "
+                              "resuming replays from the newest checkpoint, so lower optim.lr "
+                              "or raise stability.rollback.max_rollbacks first")
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def save_due(self, last_step: int) -> bool:
+        """By steps or by minutes, or the last step; postponed during a bad streak (a rollback
+        must find a checkpoint from before the streak)."""
+        if self.step == last_step:
+            return True
+        if self.detector.streak:
+            return False
+        cc = self.config.checkpoint
+        elapsed_s = time.monotonic() - self.last_save_time
+        return self.step % cc.every_steps == 0 or (
+            cc.every_minutes is not None and elapsed_s >= 60 * cc.every_minutes)
+
+    def save(self, val_loss: float | None) -> Path:
+        state = {"rng": rng_state(), "loader": self.loader.state_dict(),
+                 "clip": self.clip.state_dict(), "skipped_steps": self.skipped_steps,
+                 "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+                 "stability": {"detector": self.detector.state_dict(),
+                               "recovery": self.recovery.state_dict()}}
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                    self.config, self.run_info, self.config.checkpoint.keep_last,
+                                    extra_files={"tokenizer.json": self.dataset.tokenizer_path},
+                                    ema=self.ema.module if self.ema is not None else None)
+        self.last_save_time = time.monotonic()
+        return path
+
+    def stop_for_signal(self, name: str, saved: Path | None, val_loss: float | None) -> Path:
+        if saved is None or checkpoint_step(saved) != self.step:
+            saved = self.save(val_loss)
+        self.events.write({"step": self.step, "event": "stopped_by_signal", "severity": "info",
+                           "runbook": "preemption", "signal": name, "checkpoint": saved.name})
+        self.console.print(f"{name}: stopped after step {self.step}, checkpoint {saved}; the "
+                           "same command resumes")
+        return saved
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the newest valid checkpoint of the run folder, if any."""
+        ckpt.remove_stale_temporaries(self.run_dir)
+        restored = ckpt.load_newest_valid(self.run_dir, warn=self.warn, quarantine=True)
+        if restored is None:
+            return
+        saved_info = json.loads((restored.path / "run.json").read_text())
+        if saved_info["resume_key"] != self.run_info["resume_key"]:
+            raise HeloxError(f"{self.run_dir} holds checkpoints of a different run: "
+                             + _describe_mismatch(restored.path, self.config, saved_info,
+                                                  self.run_info),
+                             hint="train in a new --run-dir, or resume with the original recipe")
+        self.load_model_state(restored)
+        self.loader.load_state_dict(restored.state["loader"])
+        self.skipped_steps = restored.state.get("skipped_steps", 0)
+        stability = restored.state.get("stability")  # absent before the stability work
+        if stability is not None:
+            self.detector.load_state_dict(stability["detector"])
+            self.recovery.load_state_dict(stability["recovery"])
+        set_rng_state(restored.state["rng"])
+        truncate_after_step(self.run_dir / "metrics.jsonl", restored.step)
+        truncate_after_step(self.run_dir / "events.jsonl", restored.step)
+        self.console.print(f"resuming from {restored.path.name}")
+        self.step = self.resumed_from = restored.step
+
+    def load_model_state(self, restored: ckpt.Restored) -> None:
+        """Weights, optimizer, EMA and clipping window: what a rollback restores."""
+        ckpt.load_weights(restored.path, self.model)
+        ckpt.load_optimizer(restored.path, self.optimizer)
+        self.clip.load_state_dict(restored.state["clip"])
+        if self.ema is not None:
+            ckpt.load_weights(restored.path, self.ema.module, ema=True)
+            self.ema.n_averaged.fill_(restored.state["ema_updates"])
+
+    def warn(self, message: str) -> None:
+        self.console.print("[yellow]warning:[/]", escape(message))
+
+    def close(self) -> None:
+        for log in (self.metrics, self.events):
+            if log is not None:
+                log.close()
+        self.loader.close()
 
 
 def announce(console: Console, model: Llama, device: torch.device, precision: str,
@@ -181,12 +395,50 @@ def objective_metrics(config: RunConfig, outcome: StepOutcome, step: int) -> dic
     return record
 
 
-def nonfinite_event(step: int, outcome: StepOutcome, skipped_steps: int) -> dict:
-    """The events.jsonl line of a skipped step; `runbook` names its entry in docs/runbooks.md."""
-    return {"step": step, "event": "nonfinite_step_skipped", "severity": "warning",
-            "runbook": "nonfinite-step", "loss": outcome.loss, "grad_norm": outcome.grad_norm,
-            "skipped_steps": skipped_steps,
-            "action": "skipped the update: weights and optimizer state unchanged"}
+BAD_STEP_EVENTS = {"nonfinite": ("nonfinite_step_skipped", "nonfinite-step"),
+                   "loss_spike": ("loss_spike", "loss-spike")}
+
+
+def bad_step_event(step: int, reason: str, outcome: StepOutcome, z_score: float | None,
+                   detector: SpikeDetector, skipped_steps: int) -> dict:
+    """The events.jsonl line of a bad step; `runbook` names its entry in docs/runbooks.md."""
+    event, runbook = BAD_STEP_EVENTS[reason]
+    action = ("skipped the update: weights and optimizer state unchanged" if outcome.skipped
+              else "logged only (stability.spike.skip_update is false)")
+    return {"step": step, "event": event, "severity": "warning", "runbook": runbook,
+            "loss": outcome.loss, "grad_norm": outcome.grad_norm,
+            **({"z_score": z_score} if reason == "loss_spike" else {}),
+            **detector.reference(), "bad_streak": detector.streak,
+            "skipped_steps": skipped_steps, "action": action}
+
+
+def corrupted(batch: StepBatch, vocab_size: int, seed: int) -> StepBatch:
+    """The batch with uniformly random tokens (fault injection: a corrupted shard)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + batch.step)
+    tokens_KNT = batch.tokens_KNT.clone()
+    rows, length = tokens_KNT.shape[1:]
+    random_NT1 = torch.randint(0, vocab_size, (rows, length + 1), generator=generator)
+    tokens_KNT[0], tokens_KNT[1] = random_NT1[:, :-1], random_NT1[:, 1:]
+    return StepBatch(batch.step, batch.seq_len, tokens_KNT, batch.domains, batch.state)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (`step-00000120` → 120)."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def checkpoint_before(run_dir: Path, step: int, warn) -> ckpt.Restored | None:
+    """The newest valid checkpoint saved before `step` (the rollback target)."""
+    for path in ckpt.list_checkpoints(run_dir):
+        if checkpoint_step(path) >= step:
+            continue
+        problem = ckpt.verify_checkpoint(path)
+        if problem:
+            warn(f"not rolling back to {path.name}: {problem}")
+            continue
+        state = torch.load(path / "state.pt", weights_only=True)
+        return ckpt.Restored(path=path, step=int(state["step"]), state=state)
+    return None
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
@@ -320,35 +572,6 @@ def _trajectory_config(config: RunConfig) -> dict:
         for name in fields:
             sections[section].pop(name, None)
     return sections
-
-
-def resume(run_dir: Path, run_info: dict, config: RunConfig, model: nn.Module,
-           optimizer: torch.optim.Optimizer, loader: TrainLoader, clip: AdaptiveClip,
-           ema: AveragedModel | None, console: Console) -> tuple[int, dict]:
-    """Load the newest valid checkpoint of `run_dir` into the objects; return its step and
-    state (0 and {} when there is none)."""
-    ckpt.remove_stale_temporaries(run_dir)
-    restored = ckpt.load_newest_valid(
-        run_dir, warn=lambda m: console.print("[yellow]warning:[/]", escape(m)), quarantine=True)
-    if restored is None:
-        return 0, {}
-    saved_info = json.loads((restored.path / "run.json").read_text())
-    if saved_info["resume_key"] != run_info["resume_key"]:
-        raise HeloxError(f"{run_dir} holds checkpoints of a different run: "
-                         + _describe_mismatch(restored.path, config, saved_info, run_info),
-                         hint="train in a new --run-dir, or resume with the original recipe")
-    ckpt.load_weights(restored.path, model)
-    ckpt.load_optimizer(restored.path, optimizer)
-    loader.load_state_dict(restored.state["loader"])
-    clip.load_state_dict(restored.state["clip"])
-    if ema is not None:
-        ckpt.load_weights(restored.path, ema.module, ema=True)
-        ema.n_averaged.fill_(restored.state["ema_updates"])
-    set_rng_state(restored.state["rng"])
-    truncate_after_step(run_dir / "metrics.jsonl", restored.step)
-    truncate_after_step(run_dir / "events.jsonl", restored.step)
-    console.print(f"resuming from {restored.path.name}")
-    return restored.step, restored.state
 
 
 def _describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info: dict) -> str:
