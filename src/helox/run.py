@@ -43,6 +43,8 @@ def prepare_with_progress(config: RunConfig, console: Console,
 def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> None:
     dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir, dataset, console=console)
+    if result.stopped_by:  # preempted: checkpointed, and the same command resumes
+        return
     samples = sample_texts(result, config)
     print_summary(console, config, dataset, result, samples)
 
