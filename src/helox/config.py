@@ -246,6 +246,15 @@ class TrainConfig(StrictModel):
     document_masking: bool = False
     """Attend only within a document: positions restart and attention stops at every EOS
     (packed sequences otherwise attend across the documents they hold)."""
+    init_from: Path | None = None
+    """Start a new run from another run's newest valid checkpoint (a run folder) or from a
+    checkpoint folder: weights whose name and shape match are loaded, the others keep their
+    fresh initialisation (a warm start, a grown model), and so are their optimizer states
+    with init_optimizer. The report goes to the console and events.jsonl. A run folder that
+    already has checkpoints resumes instead. Relative to the recipe's folder."""
+    init_optimizer: bool = True
+    """With init_from, also load the matching optimizer states (moments, step counts)."""
+    _check_init_from = field_validator("init_from")(resolve_input_path)
     data_workers: int = Field(default=0, ge=0)
     """DataLoader worker processes reading batches ahead; 0 reads in the training process.
     The data order is the same for any number (and it may change on resume). Reading is cheap

@@ -135,9 +135,9 @@ def test_resume_after_a_rollback_is_bit_identical(tiny_dataset, workspace, tmp_p
     run(config, tiny_dataset, tmp_path / "straight")
     run(config, tiny_dataset, tmp_path / "stopped", until_step=14)  # inside the streak
     run(config, tiny_dataset, tmp_path / "stopped")
-    untimed = [{k: v for k, v in r.items() if k != "tokens_per_s"}
+    untimed = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "checkpoint_stall_s")}
                for r in step_records(tmp_path / "straight")]
-    assert [{k: v for k, v in r.items() if k != "tokens_per_s"}
+    assert [{k: v for k, v in r.items() if k not in ("tokens_per_s", "checkpoint_stall_s")}
             for r in step_records(tmp_path / "stopped")] == untimed
     assert events(tmp_path / "stopped") == events(tmp_path / "straight")
 
@@ -163,3 +163,22 @@ def test_a_corrupted_batch_is_detected_as_a_spike_and_skipped(tiny_dataset, work
     assert [(e["step"], e["event"]) for e in log] == [(12, "loss_spike")]
     # Uniformly random tokens cost about ln(vocabulary) nats each.
     assert log[0]["loss"] == pytest.approx(math.log(tiny_dataset.vocab_size), rel=0.1)
+
+
+def test_a_grown_model_starts_from_a_smaller_runs_checkpoint(tiny_dataset, workspace, tmp_path):
+    run(tiny_config(workspace, ["train.max_steps=4"]), tiny_dataset, tmp_path / "small")
+    grown = tiny_config(workspace, ["train.max_steps=4", "model.num_layers=3",
+                                    f"train.init_from={tmp_path / 'small'}"])
+    run(grown, tiny_dataset, tmp_path / "grown", until_step=1)
+    init = events(tmp_path / "grown")[0]
+    assert init["event"] == "initialized_from" and init["checkpoint"].endswith("step-00000004")
+    new_layer = {n for n in init["weights"]["fresh"] if n.startswith("blocks.2.")}
+    assert new_layer and set(init["weights"]["fresh"]) == new_layer
+    assert set(init["optimizer"]["fresh"]) == new_layer
+    assert "blocks.1.mlp.up_proj.weight" in init["optimizer"]["loaded"]
+    # The old layers carry what the small run learnt: the grown model starts well below a
+    # model of the same shape trained from scratch.
+    scratch = tiny_config(workspace, ["train.max_steps=4", "model.num_layers=3"])
+    run(scratch, tiny_dataset, tmp_path / "scratch", until_step=1)
+    warm, cold = (step_records(tmp_path / name)[0]["loss"] for name in ("grown", "scratch"))
+    assert warm < cold - 0.25

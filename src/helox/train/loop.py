@@ -10,7 +10,7 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -120,11 +120,14 @@ class Trainer:
                          "injected_datasets": injected_versions,
                          "dataset_path": str(dataset.path),
                          "precision": self.precision, "device": str(self.device)}
+        self.writer = ckpt.CheckpointWriter.from_config(run_dir, config.checkpoint)
         self.step, self.skipped_steps = 0, 0
         self.resumed_from: int | None = None
+        self.init_record: dict | None = None
         self.metrics = self.events = None
         self.faults = (config.faults.nan_steps(), config.faults.spike_steps(),
                        config.faults.corrupt_steps())
+        self.crash_save_steps = config.faults.crash_save_steps()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -141,6 +144,8 @@ class Trainer:
         self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.events = MetricsLog(self.run_dir / "events.jsonl")
+        if self.init_record is not None:
+            self.events.write(self.init_record)
         last_step = min(tc.max_steps, until_step or tc.max_steps)
         loss, val_loss, saved, stopped_by = None, None, None, None
         self.last_save_time = time.monotonic()
@@ -245,6 +250,7 @@ class Trainer:
                           f"{step}) and the rollback budget is spent "
                           f"({self.recovery.rollbacks} of stability.rollback.max_rollbacks="
                           f"{self.recovery.config.max_rollbacks})", "rollback-budget")
+        self.writer.wait()  # the save in flight may be the target, and it prunes
         target = checkpoint_before(self.run_dir, streak_start, self.warn)
         if target is None:
             self.stop_run(f"{self.detector.streak} bad steps in a row (steps {streak_start}–"
@@ -295,16 +301,22 @@ class Trainer:
             cc.every_minutes is not None and elapsed_s >= 60 * cc.every_minutes)
 
     def save(self, val_loss: float | None) -> Path:
+        """Checkpoint the current step: a host copy now, written by the writer (in the
+        background with checkpoint.async_save). `val_loss` ranks it for keep-best."""
         state = {"rng": rng_state(), "loader": self.loader.state_dict(),
                  "clip": self.clip.state_dict(), "skipped_steps": self.skipped_steps,
                  "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
                  "stability": {"detector": self.detector.state_dict(),
                                "recovery": self.recovery.state_dict()}}
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                    self.config, self.run_info, self.config.checkpoint.keep_last,
-                                    extra_files={"tokenizer.json": self.dataset.tokenizer_path},
-                                    ema=self.ema.module if self.ema is not None else None)
+        snapshot = ckpt.snapshot(self.step, self.model, self.optimizer, state, self.config,
+                                 self.run_info,
+                                 extra_files={"tokenizer.json": self.dataset.tokenizer_path},
+                                 ema=self.ema.module if self.ema is not None else None,
+                                 val_loss=val_loss)
+        path = self.writer.save(snapshot, crash_halfway=self.step in self.crash_save_steps)
         self.last_save_time = time.monotonic()
+        self.metrics.write({"step": self.step, "checkpoint": path.name,
+                            "checkpoint_stall_s": round(self.writer.last_stall_s, 4)})
         return path
 
     def stop_for_signal(self, name: str, saved: Path | None, val_loss: float | None) -> Path:
@@ -323,6 +335,8 @@ class Trainer:
         ckpt.remove_stale_temporaries(self.run_dir)
         restored = ckpt.load_newest_valid(self.run_dir, warn=self.warn, quarantine=True)
         if restored is None:
+            if self.config.train.init_from is not None:
+                self.warm_start(self.config.train.init_from)
             return
         saved_info = json.loads((restored.path / "run.json").read_text())
         if saved_info["resume_key"] != self.run_info["resume_key"]:
@@ -343,6 +357,30 @@ class Trainer:
         self.console.print(f"resuming from {restored.path.name}")
         self.step = self.resumed_from = restored.step
 
+    def warm_start(self, source: Path) -> None:
+        """Matching weights (and optimizer states) of another run's checkpoint; the report
+        says what was loaded, what stayed fresh and why, and what the checkpoint had extra."""
+        path = source if (source / "model.safetensors").is_file() else \
+            ckpt.newest_valid_checkpoint(source, warn=self.warn)
+        problem = ckpt.verify_checkpoint(path)
+        if problem:
+            raise HeloxError(f"train.init_from: {path} is not a valid checkpoint: {problem}",
+                             hint="point it at a run folder or another checkpoint folder")
+        weights = ckpt.load_weights_partial(path, self.model)
+        record = {"step": 0, "event": "initialized_from", "severity": "info",
+                  "checkpoint": str(path), "weights": asdict(weights)}
+        summary = f"initialized from {path}: {len(weights.loaded)} tensors loaded, " \
+                  f"{len(weights.fresh)} fresh, {len(weights.dropped)} not used"
+        if self.config.train.init_optimizer:
+            states = ckpt.load_optimizer_partial(path, self.optimizer, self.model)
+            record["optimizer"] = asdict(states)
+            summary += f"; optimizer states: {len(states.loaded)} loaded, " \
+                       f"{len(states.fresh)} fresh"
+        self.console.print(summary, soft_wrap=True)
+        for name, reason in weights.fresh.items():
+            self.console.print(f"  fresh: {name} ({reason})", soft_wrap=True, markup=False)
+        self.init_record = record
+
     def load_model_state(self, restored: ckpt.Restored) -> None:
         """Weights, optimizer, EMA and clipping window: what a rollback restores."""
         ckpt.load_weights(restored.path, self.model)
@@ -356,6 +394,8 @@ class Trainer:
         self.console.print("[yellow]warning:[/]", escape(message))
 
     def close(self) -> None:
+        """Finish the save in flight (its folder exists once this returns), then the rest."""
+        self.writer.close()
         for log in (self.metrics, self.events):
             if log is not None:
                 log.close()
