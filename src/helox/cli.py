@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from helox.errors import HeloxError
+
+if TYPE_CHECKING:
+    from helox.config import RunConfig
 
 app = typer.Typer(
     help="Helox: raw text to a trained, resumable, Hugging Face-compatible model.\n\n"
@@ -223,6 +226,11 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
               until_step: Annotated[Optional[int], typer.Option(
                   help="Stop after this step (checkpointed) as if preempted; the schedule still "
                        "runs to train.max_steps and a later `helox train` resumes.")] = None,
+              dry_run: Annotated[bool, typer.Option(
+                  "--dry-run", help="Print each layer's parameters, compute dtype "
+                                    "(train.precision, train.fp32_modules) and activation "
+                                    "checkpointing, and the memory of weights and optimizer "
+                                    "state; do not train.")] = False,
               ) -> None:
     """Train a model from a recipe; resumes from the newest valid checkpoint in the run folder.
 
@@ -232,9 +240,24 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
     from helox.train.loop import train
 
     config = _load(recipe, set_)
+    if dry_run:
+        _dry_run(config)
+        return
     dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
     console.print(f"step {result.step}: checkpoint {result.checkpoint}")
+
+
+def _dry_run(config: RunConfig) -> None:
+    from helox.run import prepare_with_progress
+    from helox.train.loop import pick_device, resolve_vocab_size
+    from helox.train.precision import print_plan
+    from helox.train.step import pick_precision
+
+    if config.model.vocab_size is None:  # the tokenizer decides it, as in training
+        config = resolve_vocab_size(config, prepare_with_progress(config, console, "train"))
+    device = pick_device(config.train.device)
+    print_plan(Console(), config, device, pick_precision(config.train.precision, device))
 
 
 @app.command()

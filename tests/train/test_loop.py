@@ -50,8 +50,12 @@ def test_same_seed_gives_identical_losses(tiny_dataset, workspace, tmp_path):
 @pytest.mark.parametrize("overrides", [
     [], ["train.grad_accum_steps=2"], ["train.precision=bf16", "train.grad_accum_steps=3"],
     ["optim.optimizer=adafactor", "optim.schedule=wsd", "optim.decay_fraction=0.3"],
-    ["optim.adaptive_clip={window_steps: 4, min_history: 2, multiplier: 1.0}"]],
-    ids=["plain", "accum2", "bf16-accum3", "adafactor-wsd", "adaptive-clip"])
+    ["optim.adaptive_clip={window_steps: 4, min_history: 2, multiplier: 1.0}"],
+    ["train.precision=fp16"],
+    ["train.precision=bf16", "train.activation_checkpointing=[1]",
+     "train.fp32_modules=[lm_head, '*norm']"]],
+    ids=["plain", "accum2", "bf16-accum3", "adafactor-wsd", "adaptive-clip", "fp16",
+         "bf16-policy-actckpt"])
 def test_stop_and_resume_is_bit_identical(tiny_dataset, workspace, tmp_path, overrides):
     config = tiny_config(workspace, overrides=["train.max_steps=10", "checkpoint.every_steps=3",
                                                *overrides])

@@ -30,15 +30,19 @@ from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.train import checkpoint as ckpt
 from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
+from helox.train.precision import apply_precision_policy
 from helox.train.stability import Recovery, SpikeDetector
-from helox.train.step import (LossFn, StepOutcome, compiled, make_loss_fn, pick_precision,
-                              train_step)
+from helox.train.step import (LossFn, StepOutcome, compiled, make_loss_fn, make_scaler,
+                              pick_precision, train_step)
 
 # Config fields that may change when resuming: they do not change the trajectory (compile
 # changes only rounding, and turning it off must stay possible when a compiler breaks; the data
-# order does not depend on the number of data workers). The `stability`, `checkpoint` and
+# order does not depend on the number of data workers; activation checkpointing recomputes the
+# same values, tested bitwise equal, and may be switched on after running out of memory). The
+# `stability`, `checkpoint` and
 # `faults` sections are not part of the trajectory either: they are the operator's knobs.
-RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers"}}
+RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers",
+                               "activation_checkpointing"}}
 
 
 @dataclass
@@ -104,6 +108,9 @@ class Trainer:
         seed_everything(config.train.seed,
                         config.train.deterministic or self.device.type == "cpu")
         self.model = Llama(config.model).to(self.device)
+        self.model.set_activation_checkpointing(config.train.activation_checkpointing)
+        apply_precision_policy(self.model, config.train.fp32_modules, self.device.type)
+        self.scaler = make_scaler(self.precision, self.device)
         self.optimizer = build_optimizer(self.model, config.optim)
         self.clip = AdaptiveClip(config.optim.adaptive_clip, config.optim.grad_clip_norm)
         self.ema = ema_model(self.model, config.train.ema_decay) if config.train.ema_decay \
@@ -190,9 +197,14 @@ class Trainer:
                              {o.name: o.weight_at(step) for o in tc.objectives},
                              poison=number in nan_steps,
                              loss_factor=config.faults.spike_factor if number in spike_steps
-                             else 1.0, gate=self.detector.gate)
+                             else 1.0, gate=self.detector.gate, scaler=self.scaler)
+        if outcome.overflowed and outcome.loss_scale > 1.0:
+            # fp16's scaler probing its range (it backed off): expected, not a bad step.
+            outcome = outcome._replace(skip_reason="overflow")
         z_score = self.detector.z_score(outcome.loss)
-        bad = self.detector.record(number, outcome.loss, outcome.skip_reason)
+        bad = self.detector.record(number, outcome.loss,
+                                   None if outcome.skip_reason == "overflow"
+                                   else outcome.skip_reason)
         if outcome.skipped:
             self.skipped_steps += 1
         else:
@@ -209,6 +221,7 @@ class Trainer:
             **({"skipped": outcome.skip_reason} if outcome.skipped else {}),
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
             **({"lr_cooldown_factor": lr_factor} if lr_factor != 1.0 else {}),
+            **({"loss_scale": outcome.loss_scale} if outcome.loss_scale is not None else {}),
             **data_metrics(self.loader, batch)})
         if bad:
             self.events.write(bad_step_event(number, bad, outcome, z_score, self.detector,
@@ -268,9 +281,9 @@ class Trainer:
             "lr_factor": self.recovery.cooldown_factor,
             "cooldown_until_step": self.recovery.cooldown_until,
             "rollbacks": self.recovery.rollbacks, "max_rollbacks": cfg.max_rollbacks,
-            "action": f"weights, optimizer, EMA and clipping window of step {target.step} "
-                      f"restored; batches of steps {target.step + 1}–{step} skipped; LR × "
-                      f"{self.recovery.cooldown_factor:g} until step "
+            "action": f"weights, optimizer, loss scale, EMA and clipping window of step "
+                      f"{target.step} restored; batches of steps {target.step + 1}–{step} "
+                      f"skipped; LR × {self.recovery.cooldown_factor:g} until step "
                       f"{self.recovery.cooldown_until}"})
         self.console.print(f"[yellow]rollback:[/] steps {streak_start}–{step} were bad; "
                            f"restored {target.path.name}, LR × "
@@ -307,7 +320,8 @@ class Trainer:
                  "clip": self.clip.state_dict(), "skipped_steps": self.skipped_steps,
                  "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
                  "stability": {"detector": self.detector.state_dict(),
-                               "recovery": self.recovery.state_dict()}}
+                               "recovery": self.recovery.state_dict()},
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
         snapshot = ckpt.snapshot(self.step, self.model, self.optimizer, state, self.config,
                                  self.run_info,
                                  extra_files={"tokenizer.json": self.dataset.tokenizer_path},
@@ -382,10 +396,12 @@ class Trainer:
         self.init_record = record
 
     def load_model_state(self, restored: ckpt.Restored) -> None:
-        """Weights, optimizer, EMA and clipping window: what a rollback restores."""
+        """Weights, optimizer, loss scaler, EMA and clipping window: what a rollback restores."""
         ckpt.load_weights(restored.path, self.model)
         ckpt.load_optimizer(restored.path, self.optimizer)
         self.clip.load_state_dict(restored.state["clip"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(restored.state["scaler"])
         if self.ema is not None:
             ckpt.load_weights(restored.path, self.ema.module, ema=True)
             self.ema.n_averaged.fill_(restored.state["ema_updates"])

@@ -21,16 +21,21 @@ LossFn = Callable[[MicroBatch], dict[str, torch.Tensor]]
 """A micro-batch -> each objective summed over its target tokens: {"lm": ..., ...}."""
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""The precisions that run the forward under autocast, and its compute dtype."""
+
+
 def make_loss_fn(model: nn.Module, device: torch.device, precision: str,
                  objectives: Collection[str] = ("lm",)) -> LossFn:
-    """Forward in the run's precision (bf16 autocast keeps fp32 master weights and optimizer
-    state) and the objectives in fp32. "lm" is always computed (it is what evaluation and the
-    logs compare); "z_loss" adds Σ logsumexp(logits)² over the tokens."""
+    """Forward in the run's precision (bf16/fp16 autocast keeps fp32 master weights and
+    optimizer state) and the objectives in fp32. "lm" is always computed (it is what
+    evaluation and the logs compare); "z_loss" adds Σ logsumexp(logits)² over the tokens."""
+    dtype = AUTOCAST_DTYPES.get(precision, torch.bfloat16)
 
     def loss_sums(batch: MicroBatch) -> dict[str, torch.Tensor]:
         inputs_BT, targets_BT, positions_BT, doc_ids_BT = (
             None if t is None else t.to(device, non_blocking=True) for t in batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(device.type, dtype=dtype, enabled=precision in AUTOCAST_DTYPES):
             logits_BTV = model(inputs_BT, positions_BT, doc_ids_BT)
         logits_NV = logits_BTV.float().flatten(0, 1)
         sums = {"lm": F.cross_entropy(logits_NV, targets_BT.flatten(), reduction="sum")}
@@ -65,34 +70,60 @@ class StepOutcome(NamedTuple):
     loss: float
     """Next-token cross-entropy per target token (the "lm" objective, unweighted)."""
     grad_norm: float
-    """Global gradient norm before clipping."""
+    """Global gradient norm before clipping (of the unscaled gradients under fp16)."""
     terms: dict[str, float]
     """Every objective per target token, unweighted, and "total": the weighted sum."""
     skip_reason: str | None = None
     """Why the optimizer did not step: "nonfinite" (NaN/Inf loss or gradient norm) or what
     the gate returned; None when it stepped."""
+    loss_scale: float | None = None
+    """fp16: the loss scale this step's backward used (the next step's is halved after a
+    non-finite step, doubled after growth_interval clean ones); None without a scaler."""
 
     @property
     def skipped(self) -> bool:
         return self.skip_reason is not None
+
+    @property
+    def overflowed(self) -> bool:
+        """fp16: skipped because the scaled gradients overflowed while the loss was finite.
+        That is the scaler probing its range (at the start, and once after each growth), not
+        a fault of the run; a scale that keeps halving towards 1 and below is one."""
+        return (self.loss_scale is not None and self.skip_reason == "nonfinite"
+                and math.isfinite(self.terms["total"]))
 
 
 Gate = Callable[[dict[str, float], float], "str | None"]
 """(terms, grad norm) of a finite step -> a reason to skip its update, or None to apply it."""
 
 
+def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**16,
+                growth_interval: int = 2000) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling for fp16, None otherwise. fp16's smallest normal is 6e-5, so small
+    gradients underflow to zero unless the loss is multiplied up before the backward; bf16
+    has fp32's exponent range and needs no scaling. Its state_dict() belongs in checkpoints."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=init_scale,
+                                growth_interval=growth_interval)
+
+
 def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
                batches: list[MicroBatch], clip_norm: float | None,
                weights: dict[str, float] | None = None, poison: bool = False,
-               loss_factor: float = 1.0, gate: Gate | None = None) -> StepOutcome:
+               loss_factor: float = 1.0, gate: Gate | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> StepOutcome:
     """One optimizer step over the micro-batches on Σ weight × objective (default: lm alone).
 
     Each objective is summed over tokens and divided by the target tokens of *all*
     micro-batches, so accumulation gives the same gradient as one big batch whatever the
     micro-batch split. A NaN/Inf loss or gradient norm skips the update (the weights and the
     optimizer state stay as they were), and so does a step the `gate` rejects (a loss spike).
+    With a `scaler` (fp16) each backward runs on the scaled loss, and the gradients are
+    unscaled before the norm, the clipping and the decision; the reported terms are unscaled.
     Fault injection: `poison` makes the loss NaN, `loss_factor` multiplies it (a spike).
     """
+    scaler = scaler if scaler is not None and scaler.is_enabled() else None
     weights = weights or {"lm": 1.0}
     num_targets = sum(batch.targets.numel() for batch in batches)
     totals: dict[str, torch.Tensor] = {}
@@ -102,17 +133,25 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
             scale = float("nan") if poison else loss_factor
             sums = {name: value * scale for name, value in sums.items()}
         loss = sum(weight * sums[name] for name, weight in weights.items()) / num_targets
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         for name, value in [*sums.items(), ("total", loss * num_targets)]:
             value = value.detach() / num_targets
             totals[name] = totals[name] + value if name in totals else value
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # also records whether the scaled gradients overflowed
     params = [p for p in model.parameters() if p.grad is not None]
     if clip_norm is None:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
     # The one host sync of the step, before the update: it decides whether there is one.
-    *term_values, norm_value = torch.stack([*totals.values(), grad_norm.float()]).tolist()
+    # The scale rides along (scaler.get_scale() would be a sync of its own).
+    synced = [*totals.values(), grad_norm.float()]
+    if scaler is not None:
+        synced.append(scaler._get_scale_async())
+    values = torch.stack(synced).tolist()
+    loss_scale = None if scaler is None else values.pop()
+    *term_values, norm_value = values
     terms = dict(zip(totals, term_values))
     reason = None
     if not (math.isfinite(terms["total"]) and math.isfinite(norm_value)):
@@ -120,9 +159,28 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     elif gate is not None:
         reason = gate(terms, norm_value)
     if reason is None:
+        # Not scaler.step(): a finite norm means finite gradients, which is all it checks,
+        # with a host sync of its own.
         optimizer.step()
+    if scaler is not None:
+        update_scale(scaler, reason, loss_scale)
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(terms["lm"], norm_value, terms, reason)
+    return StepOutcome(terms["lm"], norm_value, terms, reason, loss_scale)
+
+
+def update_scale(scaler: torch.amp.GradScaler, reason: str | None, used_scale: float) -> None:
+    """Back off after a non-finite step, else count a clean one towards growth.
+
+    update() reads what unscale_ found: an inf/NaN gradient multiplies the scale by
+    backoff_factor and restarts the growth count. A step the gate rejected had finite
+    gradients at this scale, so it counts as clean: the scale is not what went wrong. A
+    non-finite loss or norm with finite gradients (the norm itself overflowing) is invisible
+    to update(), so the back-off is written in; the state_dict() syncs cost nothing on a
+    skipped step."""
+    scaler.update()
+    if reason == "nonfinite":
+        backed_off = used_scale * scaler.get_backoff_factor()
+        scaler.load_state_dict(scaler.state_dict() | {"scale": backed_off, "_growth_tracker": 0})
 
 
 def pick_precision(name: str, device: torch.device) -> str:
