@@ -1,14 +1,27 @@
-"""Training throughput (tokens/s) of Helox against `transformers` Llama on one fixed shape.
+"""Training throughput (tokens/s) of Helox against `transformers` Llama on one fixed shape, and
+what Helox's precision, activation-checkpointing and checkpoint-saving options cost there.
 
 What is measured: full optimizer steps (forward, cross-entropy, backward, clip to norm 1.0, AdamW
 lr 3e-4 betas (0.9, 0.95) wd 0.1, zero_grad) of the reference shape of ../shared/PERF.md: 6
 layers, d_model 384, 6 heads (MHA), SwiGLU width 1024, context 256, vocab 8192, micro-batch 8
 (2,048 tokens per step), untied embeddings, on random token batches (fixed seed, no data loading).
 
-- Helox runs its real step, `helox.train.step.train_step`, with the optimizer from
-  `build_optimizer`: "helox default" as the config defaults set it (the precision
-  `pick_precision("auto")` resolves to, bf16 autocast with fp32 master weights where the CPU has
-  native bf16, and `train.compile`), then eagerly in that precision and in fp32.
+Throughput rows (section "throughput"):
+- Helox runs its real step, `helox.train.step.train_step`, on a model set up as
+  `helox.train.loop` sets it up (precision policy `train.fp32_modules`, the fp16 loss scaler of
+  `make_scaler`) with the optimizer from `build_optimizer`: "helox default" as the config
+  defaults set it (the precision `pick_precision("auto")` resolves to, bf16 autocast with fp32
+  master weights where the CPU has native bf16, and `train.compile`), then eagerly in that
+  precision and in fp32 (the bf16/fp32 ratio line is what autocast buys).
+- "helox fp16 eager": fp16 autocast with dynamic loss scaling (`make_scaler("fp16")`, passed to
+  `train_step`); its MFU is against the fp16 matmul ceiling, and the steps the scaler skipped
+  (scaled gradients overflowed) are counted.
+- "… + activation ckpt": the default precision with `model.set_activation_checkpointing(True)`
+  (every block recomputed in the backward), eager, or compiled as the default is with
+  --compile; its ratio line is against the same variant without. The memory it saves is
+  measured apart, once, in an eager forward + loss of the same batch: the bytes of the distinct
+  storages autograd saves for the backward (a `saved_tensors_hooks` pack hook), parameters and
+  buffers excluded (autocast's 16-bit copies of the weights count: they are kept too).
 - `transformers.LlamaForCausalLM` is built from the same shape (`helox.model.hf.to_hf_config`,
   SDPA attention), starts from the same weights and trains in a plain loop, as a user writes it
   (default `torch.optim.AdamW`), in fp32 and under bf16 autocast; with --compile also under
@@ -17,12 +30,27 @@ layers, d_model 384, 6 heads (MHA), SwiGLU width 1024, context 256, vocab 8192, 
 
 The machine is shared and noisy (±10–15%), so the variants are interleaved in one process: each
 round runs every variant for its warm-up and timed steps, and a variant's result is its median
-tokens/s over the rounds. MFU divides achieved model FLOP/s (6 × matmul parameters + attention,
-per token) by the matmul ceiling of the same precision, measured in every round as F.linear of
-(2048×384) by (1536×384)ᵀ.
+tokens/s over the rounds; a ratio line gives the ratio of medians and the range of the
+same-round ratios. MFU divides achieved model FLOP/s (6 × matmul parameters + attention, per
+token) by the matmul ceiling of the same precision (fp32, bf16 or fp16), measured in every round
+as F.linear of (2048×384) by (1536×384)ᵀ.
 
-Run: .venv/bin/python bench/train_throughput.py [--compile] [--rounds 3] [--steps 30]
-(about 10 minutes on 2 cores; --compile adds the compiled transformers variant, about 12 in all).
+Checkpoint stall (section "checkpoint"): the default training step (precision and compile as the
+config defaults) with `helox.train.checkpoint`: `snapshot` of the model, its AdamW state
+(moments exist: warm-up steps come first) and the RNG state, handed to a `CheckpointWriter`
+(keep_last 2) in sync and in async mode, alternately, with the same number of training steps
+after every save, into a temporary folder. The stall of a save is what the training thread
+spends on it: `writer.last_stall_s` (snapshot copy, + the whole write in sync mode) plus, in
+async mode, any wait for the background write at the end of its steps (what the next save would
+wait for). Each step is timed and classed as overlapping a background write (it started before
+the write ended) or not, so the cost of the writer thread competing for the 2 cores shows as
+the tokens/s of those steps and as the net training time a save costs: stall + the extra
+seconds of its overlapped steps over the median clean step.
+
+Run: .venv/bin/python bench/train_throughput.py [--compile] [--rounds 3] [--steps 20]
+[--only throughput|checkpoint] [--saves 5] [--steps-between-saves 4]
+(about 12 minutes on 2 cores, of which the checkpoint section about 1; --compile adds the
+compiled transformers variant and compiles the activation-checkpointing one, also about 12).
 """
 
 from __future__ import annotations
@@ -30,63 +58,99 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helox.config import ModelConfig, OptimConfig, TrainConfig
+from helox.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+from helox.data.loader import MicroBatch
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
-from helox.repro import seed_everything
-from helox.data.loader import MicroBatch
-from helox.train.step import compiled, make_loss_fn, pick_precision, train_step
+from helox.repro import rng_state, seed_everything
+from helox.testing.tiny import tiny_config
+from helox.train.checkpoint import CheckpointWriter, snapshot
 from helox.train.optim import build_optimizer
+from helox.train.precision import apply_precision_policy
+from helox.train.step import (StepOutcome, compiled, make_loss_fn, make_scaler, pick_precision,
+                              train_step)
 
 DEVICE = torch.device("cpu")
 SHAPE = ModelConfig(vocab_size=8192, d_model=384, num_layers=6, num_heads=6, num_kv_heads=6,
                     d_ffn=1024, max_seq_len=256, tie_embeddings=False)
 OPTIM = OptimConfig(lr=3e-4, beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip_norm=1.0)
+TRAIN = TrainConfig()  # the defaults: compile, precision policy
 BATCH_SIZE = 8
 SEQ_LEN = SHAPE.max_seq_len
 TOKENS_PER_STEP = BATCH_SIZE * SEQ_LEN
 SEED = 1234
 DEFAULT_NAME = "helox default"
+AC_SUFFIX = " + activation ckpt"
 # The ceiling matmul: one micro-batch of tokens through the widest projection of the shape.
 CEILING_M, CEILING_K, CEILING_N = TOKENS_PER_STEP, SHAPE.d_model, 4 * SHAPE.d_model
 CEILING_REPS = 50
+CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SECTIONS = ("throughput", "checkpoint")
+SAVE_MODES = ("sync", "async")
+RUN_INFO = {"fingerprint": "0" * 64, "resume_key": "0" * 64}  # what snapshot() requires
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs_BT, targets_BT), int64
 
 
 @dataclass
 class Variant:
-    """One way of training the shape; `step` runs one optimizer step on a batch."""
+    """One way of training the shape; `step` runs one optimizer step on a batch and returns
+    whether the optimizer stepped (fp16 skips a step whose scaled gradients overflowed)."""
 
     name: str
-    precision: str  # "fp32" or "bf16": which matmul ceiling applies
-    step: Callable[[Batch], float]
+    precision: str  # "fp32", "bf16" or "fp16": which matmul ceiling applies
+    step: Callable[[Batch], bool]
     compiled: bool = False
     tokens_per_s: list[float] = field(default_factory=list)  # one per round
     first_step_s: float | None = None  # compiled variants: the step that compiles
+    steps_run: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class HeloxTrainer:
+    """Helox's model and optimizer, and its training step on one micro-batch."""
+
+    model: Llama
+    optimizer: torch.optim.Optimizer
+    step: Callable[[Batch], StepOutcome]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per variant per round (default 20)")
     parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps per variant before each round's timed steps")
+                        help="untimed steps per variant before each round's timed steps (and "
+                             "before the first checkpoint)")
     parser.add_argument("--compile", action="store_true",
-                        help="add transformers under torch.compile (Helox's default compiles)")
+                        help="add transformers under torch.compile and compile the activation-"
+                             "checkpointing variant (Helox's default compiles)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every variant (default: torch's own choice)")
+    parser.add_argument("--only", choices=SECTIONS, default=None,
+                        help="run one section (default: both)")
+    parser.add_argument("--saves", type=int, default=5,
+                        help="checkpoint saves per mode (sync, async), interleaved (default 5)")
+    parser.add_argument("--steps-between-saves", type=int, default=4,
+                        help="training steps after every save (default 4)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="where the checkpoint section writes its temporary folder "
+                             "(default: the system's temporary directory)")
     return parser.parse_args()
 
 
@@ -104,19 +168,35 @@ def random_batches(num_batches: int) -> list[Batch]:
 # The variants
 
 
-def helox_variant(name: str, precision: str, init_state: dict, compile_model: bool) -> Variant:
+def helox_model(init_state: dict, activation_checkpointing: bool) -> Llama:
+    """The model as helox.train.loop sets it up: checkpointing, then the precision policy."""
     model = Llama(SHAPE)
     model.load_state_dict(init_state)
+    model.set_activation_checkpointing(activation_checkpointing)
+    apply_precision_policy(model, TRAIN.fp32_modules, DEVICE.type)
+    return model
+
+
+def helox_trainer(precision: str, init_state: dict, compile_model: bool,
+                  activation_checkpointing: bool = False) -> HeloxTrainer:
+    model = helox_model(init_state, activation_checkpointing)
+    scaler = make_scaler(precision, DEVICE)  # fp16: dynamic loss scaling; None otherwise
     optimizer = build_optimizer(model, OPTIM)
     loss_fn = make_loss_fn(model, DEVICE, precision)
     loss_fn = compiled(loss_fn) if compile_model else loss_fn
 
-    def step(batch: Batch) -> float:
-        loss = train_step(loss_fn, model, optimizer, [MicroBatch(*batch)],
-                          OPTIM.grad_clip_norm).loss
-        return loss
+    def step(batch: Batch) -> StepOutcome:
+        return train_step(loss_fn, model, optimizer, [MicroBatch(*batch)],
+                          OPTIM.grad_clip_norm, scaler=scaler)
 
-    return Variant(name, precision, step, compile_model)
+    return HeloxTrainer(model, optimizer, step)
+
+
+def helox_variant(name: str, precision: str, init_state: dict, compile_model: bool,
+                  activation_checkpointing: bool = False) -> Variant:
+    trainer = helox_trainer(precision, init_state, compile_model, activation_checkpointing)
+    return Variant(name, precision, lambda batch: not trainer.step(batch).skipped,
+                   compile_model)
 
 
 def build_hf_model(init_state: dict) -> nn.Module:
@@ -138,7 +218,7 @@ def hf_variant(name: str, precision: str, init_state: dict, compile_model: bool)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
-    def step(batch: Batch) -> float:
+    def step(batch: Batch) -> bool:
         inputs_BT, targets_BT = batch
         with autocast:
             logits_BTV = forward(input_ids=inputs_BT, use_cache=False).logits
@@ -147,21 +227,29 @@ def hf_variant(name: str, precision: str, init_state: dict, compile_model: bool)
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        loss.item()  # the host sync a training loop has (Helox's step has one too)
+        return True
 
     return Variant(name, precision, step, compile_model)
 
 
 def build_variants(default_precision: str, compile_peers: bool) -> list[Variant]:
-    """Helox's default (config defaults: auto precision, train.compile) and its eager variants
-    against transformers; with --compile also transformers compiled at the same precision."""
+    """Helox's default (config defaults: auto precision, train.compile), its eager variants,
+    fp16 with loss scaling and activation checkpointing against transformers; with --compile
+    also transformers compiled at the same precision."""
     torch.manual_seed(SEED)
     init_state = Llama(SHAPE).state_dict()  # every variant starts from these weights
-    default_compile = TrainConfig().compile
+    default_eager = f"helox {default_precision} eager"
+    # Activation checkpointing is compared with the variant it adds to: eager unless --compile.
+    ac_compiled = compile_peers and TRAIN.compile
+    ac_base = DEFAULT_NAME if ac_compiled else default_eager
     variants = [
-        helox_variant(DEFAULT_NAME, default_precision, init_state, default_compile),
-        helox_variant(f"helox {default_precision} eager", default_precision, init_state, False),
+        helox_variant(DEFAULT_NAME, default_precision, init_state, TRAIN.compile),
+        helox_variant(default_eager, default_precision, init_state, False),
         helox_variant("helox fp32 eager", "fp32", init_state, False),
+        helox_variant("helox fp16 eager", "fp16", init_state, False),
+        helox_variant(ac_base + AC_SUFFIX, default_precision, init_state, ac_compiled,
+                      activation_checkpointing=True),
         hf_variant("transformers fp32", "fp32", init_state, False),
         hf_variant(f"transformers {default_precision}", default_precision, init_state, False),
     ]
@@ -172,7 +260,13 @@ def build_variants(default_precision: str, compile_peers: bool) -> list[Variant]
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring
+# Measuring throughput
+
+
+def run_step(variant: Variant, batch: Batch) -> None:
+    stepped = variant.step(batch)
+    variant.steps_run += 1
+    variant.skipped_steps += not stepped
 
 
 def time_variant(variant: Variant, batches: list[Batch], warmup: int, steps: int) -> float:
@@ -180,12 +274,12 @@ def time_variant(variant: Variant, batches: list[Batch], warmup: int, steps: int
     gc.collect()
     for i in range(warmup):
         started = time.perf_counter()
-        variant.step(batches[i % len(batches)])
+        run_step(variant, batches[i % len(batches)])
         if variant.compiled and variant.first_step_s is None:
             variant.first_step_s = time.perf_counter() - started
     started = time.perf_counter()
     for i in range(steps):
-        variant.step(batches[(warmup + i) % len(batches)])
+        run_step(variant, batches[(warmup + i) % len(batches)])
     return steps * TOKENS_PER_STEP / (time.perf_counter() - started)
 
 
@@ -206,15 +300,39 @@ def matmul_gflops(dtype: torch.dtype) -> float:
 def run_rounds(variants: list[Variant], args: argparse.Namespace) -> dict[str, list[float]]:
     """Round-robin over the variants; returns the ceilings (GFLOP/s) measured in every round."""
     batches = random_batches(args.warmup + args.steps)
-    ceilings: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    ceilings: dict[str, list[float]] = {name: [] for name in CEILING_DTYPES}
     for round_index in range(args.rounds):
-        ceilings["fp32"].append(matmul_gflops(torch.float32))
-        ceilings["bf16"].append(matmul_gflops(torch.bfloat16))
+        for name, dtype in CEILING_DTYPES.items():
+            ceilings[name].append(matmul_gflops(dtype))
         for variant in variants:
             variant.tokens_per_s.append(time_variant(variant, batches, args.warmup, args.steps))
-            print(f"  round {round_index + 1}/{args.rounds}  {variant.name:<32} "
+            print(f"  round {round_index + 1}/{args.rounds}  {variant.name:<34} "
                   f"{variant.tokens_per_s[-1]:8,.0f} tokens/s", flush=True)
     return ceilings
+
+
+def saved_for_backward_bytes(precision: str, activation_checkpointing: bool,
+                             batch: Batch) -> int:
+    """Bytes of the distinct storages autograd saves for the backward in one eager forward +
+    loss, parameters and buffers excluded: the activation memory of a step."""
+    torch.manual_seed(SEED)
+    model = helox_model(Llama(SHAPE).state_dict(), activation_checkpointing).train()
+    state = {t.untyped_storage().data_ptr()
+             for t in itertools.chain(model.parameters(), model.buffers())}
+    saved: dict[int, int] = {}  # storage address -> bytes; a storage saved twice counts once
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in state:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    loss_fn = make_loss_fn(model, DEVICE, precision)
+    # Every saved tensor stays alive with `sums`, so no counted address is reused meanwhile.
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        sums = loss_fn(MicroBatch(*batch))
+    del sums
+    return sum(saved.values())
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -225,6 +343,86 @@ def matmul_params(model: nn.Module) -> int:
 def flops_per_token(model: nn.Module) -> int:
     """6 FLOPs per matmul parameter (forward + backward) plus attention scores and values."""
     return 6 * matmul_params(model) + 12 * SHAPE.num_layers * SHAPE.d_model * SEQ_LEN
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the checkpoint stall
+
+
+@dataclass
+class SaveCosts:
+    """Per save mode: each save's stall and write time, and the seconds of the training steps
+    after it, split by whether a background write overlapped them."""
+
+    stall_s: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in SAVE_MODES})
+    copy_s: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in SAVE_MODES})
+    write_s: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in SAVE_MODES})
+    overlapped_steps_s: list[list[float]] = field(default_factory=list)  # per async save
+    clean_steps_s: list[float] = field(default_factory=list)  # no write in flight
+    checkpoint_bytes: int = 0
+    first_step_s: float = 0.0
+
+
+def save_then_train(trainer: HeloxTrainer, writer: CheckpointWriter, mode: str, step: int,
+                    batches: list[Batch], config: RunConfig, costs: SaveCosts) -> None:
+    """Save checkpoint `step`, run the steps on `batches`, then wait for the write; record
+    what the training thread spent on the save and how long each step took."""
+    snap = snapshot(step, trainer.model, trainer.optimizer, {"rng": rng_state()}, config,
+                    RUN_INFO)
+    writer.save(snap)
+    write_started = time.perf_counter()  # async: the write thread has just been handed it
+    stall_s = writer.last_stall_s
+    spans = []
+    for batch in batches:
+        started = time.perf_counter()
+        trainer.step(batch)
+        spans.append((started, time.perf_counter()))
+    waited = time.perf_counter()
+    writer.wait()
+    stall_s += time.perf_counter() - waited
+    write_ended = write_started + writer.last_write_s if mode == "async" else 0.0
+    overlapped = [end - start for start, end in spans if start < write_ended]
+    costs.clean_steps_s += [end - start for start, end in spans if start >= write_ended]
+    if mode == "async":
+        costs.overlapped_steps_s.append(overlapped)
+    costs.stall_s[mode].append(stall_s)
+    costs.copy_s[mode].append(snap.copy_s)
+    costs.write_s[mode].append(writer.last_write_s)
+    costs.checkpoint_bytes = sum(f.stat().st_size for f in writer.last_written.iterdir())
+
+
+def measure_save_costs(default_precision: str, args: argparse.Namespace) -> SaveCosts:
+    """Sync and async saves of the default training setup, alternately, with
+    --steps-between-saves training steps after each."""
+    torch.manual_seed(SEED)
+    trainer = helox_trainer(default_precision, Llama(SHAPE).state_dict(), TRAIN.compile)
+    batches = random_batches(args.warmup + args.steps_between_saves)
+    costs = SaveCosts()
+    started = time.perf_counter()
+    trainer.step(batches[0])  # compiles with train.compile; the AdamW moments exist after it
+    costs.first_step_s = time.perf_counter() - started
+    for batch in batches[1:args.warmup]:
+        trainer.step(batch)
+    step = args.warmup
+    with tempfile.TemporaryDirectory(prefix="helox-bench-checkpoint-",
+                                     dir=args.checkpoint_dir) as tmp:
+        config = tiny_config(Path(tmp) / "workspace").model_copy(update={"model": SHAPE})
+        writers = {mode: CheckpointWriter(Path(tmp) / mode, keep_last=2, keep_best=False,
+                                          async_save=mode == "async") for mode in SAVE_MODES}
+        try:
+            for save_index in range(args.saves):
+                for mode, writer in writers.items():
+                    gc.collect()
+                    save_then_train(trainer, writer, mode, step, batches[args.warmup:], config,
+                                    costs)
+                    step += args.steps_between_saves
+                print(f"  save {save_index + 1}/{args.saves}  stall sync "
+                      f"{costs.stall_s['sync'][-1]:.3f} s, "
+                      f"async {costs.stall_s['async'][-1]:.3f} s", flush=True)
+        finally:
+            for writer in writers.values():
+                writer.close()
+    return costs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,73 +445,144 @@ def describe_models(default_precision: str) -> int:
     return flops
 
 
+def spread(values: list[float], fmt: str = ",.0f") -> str:
+    return f"{min(values):{fmt}}–{max(values):{fmt}}"
+
+
 def print_table(variants: list[Variant], ceilings: dict[str, float], flops: int) -> None:
-    print(f"\n{'variant':<32} {'precision':<9} {'tokens/s':>9} {'min–max over rounds':>20} "
+    print(f"\n{'variant':<34} {'precision':<9} {'tokens/s':>9} {'min–max over rounds':>20} "
           f"{'MFU':>6}  ceiling")
     for v in variants:
         median = statistics.median(v.tokens_per_s)
         mfu = median * flops / (ceilings[v.precision] * 1e9)
-        spread = f"{min(v.tokens_per_s):,.0f}–{max(v.tokens_per_s):,.0f}"
-        print(f"{v.name:<32} {v.precision:<9} {median:9,.0f} {spread:>20} {mfu:6.1%}  "
-              f"{v.precision} {ceilings[v.precision]:,.0f} GFLOP/s")
+        print(f"{v.name:<34} {v.precision:<9} {median:9,.0f} {spread(v.tokens_per_s):>20} "
+              f"{mfu:6.1%}  {v.precision} {ceilings[v.precision]:,.0f} GFLOP/s")
+
+
+def print_ceilings(samples: dict[str, list[float]]) -> None:
+    measured = ", ".join(f"{name} {statistics.median(values):,.0f} GFLOP/s ({spread(values)})"
+                         for name, values in samples.items())
+    print(f"matmul ceilings (F.linear {CEILING_M}×{CEILING_K} by {CEILING_N}×{CEILING_K}, median "
+          f"of rounds): {measured}")
 
 
 def print_ratios(variants: list[Variant], default_precision: str) -> None:
-    """Ratios of medians, with the range of the per-round (paired, same-round) ratios."""
+    """Ratios of medians, with the range of the per-round (paired, same-round) ratios; a
+    target, where there is one, is what the row must reach."""
     by_name = {v.name: v for v in variants}
-    comparisons = [
+    default_eager = f"helox {default_precision} eager"
+    comparisons: list[tuple[str, str, float | None]] = [
         (DEFAULT_NAME, "transformers fp32", 2.0),
         ("helox fp32 eager", "transformers fp32", 1.0),
-        (f"helox {default_precision} eager", f"transformers {default_precision}", 1.0),
+        (default_eager, f"transformers {default_precision}", 1.0),
         (DEFAULT_NAME, f"transformers {default_precision} + compile", 1.0),
+        # auto picks this precision because it is faster than fp32 here
+        (default_eager, "helox fp32 eager", 1.0),
+        ("helox fp16 eager", "helox fp32 eager", None),
+        ("helox fp16 eager", default_eager, None),
+        *[(v.name, v.name.removesuffix(AC_SUFFIX), None)
+          for v in variants if v.name.endswith(AC_SUFFIX)],
     ]
     print()
     for numerator, denominator, target in comparisons:
-        if numerator not in by_name or denominator not in by_name:
+        if numerator not in by_name or denominator not in by_name or numerator == denominator:
             continue
         a, b = by_name[numerator].tokens_per_s, by_name[denominator].tokens_per_s
         ratio = statistics.median(a) / statistics.median(b)
         paired = [x / y for x, y in zip(a, b)]
-        verdict = "ok" if ratio >= target else "BELOW TARGET"
-        print(f"{numerator} / {denominator}: {ratio:.2f}× (per round {min(paired):.2f}–"
-              f"{max(paired):.2f}; target ≥ {target:g}×: {verdict})")
+        verdict = ("" if target is None else
+                   f"; target ≥ {target:g}×: {'ok' if ratio >= target else 'BELOW TARGET'}")
+        print(f"{numerator} / {denominator}: {ratio:.2f}× (per round "
+              f"{spread(paired, '.2f')}{verdict})")
     for v in variants:
+        if v.precision == "fp16" or v.skipped_steps:
+            print(f"{v.name}: {v.skipped_steps} of {v.steps_run} steps skipped by the loss "
+                  f"scaler (scaled gradients overflowed; warm-up steps included)")
         if v.first_step_s is not None:
             print(f"{v.name}: cold compile time was {v.first_step_s:.1f} s "
                   f"(its first step, not timed; the inductor cache was empty at the start of the "
                   f"run unless TORCHINDUCTOR_CACHE_DIR was set)")
 
 
+def print_activation_memory(default_precision: str) -> None:
+    batch = random_batches(1)[0]
+    without, with_ac = (saved_for_backward_bytes(default_precision, ac, batch)
+                        for ac in (False, True))
+    mib = 2**20
+    print(f"\nactivation memory (bytes saved for the backward in one eager {default_precision} "
+          f"forward + loss, {BATCH_SIZE}×{SEQ_LEN} tokens, distinct storages, parameters and "
+          f"buffers excluded): {without / mib:,.1f} MiB without activation checkpointing, "
+          f"{with_ac / mib:,.1f} MiB with it on every block: {(without - with_ac) / mib:,.1f} "
+          f"MiB saved ({1 - with_ac / without:.0%})")
+
+
+def print_save_costs(costs: SaveCosts, args: argparse.Namespace) -> None:
+    print(f"\ncheckpoint stall per save (reference model + AdamW state, "
+          f"{costs.checkpoint_bytes / 1e6:,.0f} MB on disk; {args.saves} saves per mode, sync "
+          f"and async alternating, {args.steps_between_saves} training steps after each; into "
+          f"{args.checkpoint_dir or tempfile.gettempdir()}; first training step "
+          f"{costs.first_step_s:.1f} s, not counted)")
+    for mode in SAVE_MODES:
+        where = "in the training thread" if mode == "sync" else "in the background"
+        print(f"  {mode:<5}  stall {statistics.median(costs.stall_s[mode]):6.3f} s median "
+              f"({spread(costs.stall_s[mode], '.3f')}); of it snapshot copy "
+              f"{statistics.median(costs.copy_s[mode]):.3f} s; write {where} "
+              f"{statistics.median(costs.write_s[mode]):.3f} s median "
+              f"({spread(costs.write_s[mode], '.3f')})")
+    paired = [a / s for a, s in zip(costs.stall_s["async"], costs.stall_s["sync"])]
+    ratio = statistics.median(costs.stall_s["async"]) / statistics.median(costs.stall_s["sync"])
+    print(f"  async / sync stall: {ratio:.2f}× (per save {spread(paired, '.2f')})")
+    overlapped = [s for steps in costs.overlapped_steps_s for s in steps]
+    clean_s = statistics.median(costs.clean_steps_s)
+    if overlapped:
+        print(f"  training steps overlapping a background write: {len(overlapped)}, "
+              f"{TOKENS_PER_STEP / statistics.median(overlapped):,.0f} tokens/s median "
+              f"({spread([TOKENS_PER_STEP / s for s in overlapped])}); steps with none: "
+              f"{len(costs.clean_steps_s)}, {TOKENS_PER_STEP / clean_s:,.0f} tokens/s median "
+              f"({spread([TOKENS_PER_STEP / s for s in costs.clean_steps_s])})")
+    net_async = [stall + sum(s - clean_s for s in steps)
+                 for stall, steps in zip(costs.stall_s["async"], costs.overlapped_steps_s)]
+    print(f"  training time lost per save (stall + the overlapped steps' excess over the median "
+          f"clean step {clean_s:.3f} s): sync {statistics.median(costs.stall_s['sync']):.3f} s, "
+          f"async {statistics.median(net_async):.3f} s median ({spread(net_async, '.3f')})")
+
+
+def run_throughput(default_precision: str, args: argparse.Namespace) -> None:
+    flops = describe_models(default_precision)
+    variants = build_variants(default_precision, args.compile)
+    ceiling_samples = run_rounds(variants, args)
+    ceilings = {name: statistics.median(samples) for name, samples in ceiling_samples.items()}
+    print_table(variants, ceilings, flops)
+    print_ceilings(ceiling_samples)
+    print_ratios(variants, default_precision)
+    print_activation_memory(default_precision)
+
+
 def main() -> None:
     args = parse_args()
-    if args.steps < 1 or args.rounds < 1 or args.warmup < 1:
-        raise SystemExit("--steps, --rounds and --warmup must be at least 1")
+    if min(args.steps, args.rounds, args.warmup, args.saves, args.steps_between_saves) < 1:
+        raise SystemExit("--steps, --rounds, --warmup, --saves and --steps-between-saves must "
+                         "be at least 1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     # Deterministic kernels, as helox.train.loop uses on CPU (it changes compiled code only).
     seed_everything(SEED, deterministic=DEVICE.type == "cpu")
     default_precision = pick_precision("auto", DEVICE)
+    sections = [args.only] if args.only else list(SECTIONS)
     # Other processes make every number lower and noisier: show how busy the machine was.
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f} "
-          f"before the run; {args.rounds} rounds × "
+          f"before the run; sections: {', '.join(sections)}; {args.rounds} rounds × "
           f"({args.warmup} warm-up + {args.steps} timed steps) per variant")
-    flops = describe_models(default_precision)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
             # A fresh cache, so the reported compile time is the cold one a new user sees.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="helox-bench-inductor-"))
-        variants = build_variants(default_precision, args.compile)
-        ceiling_samples = run_rounds(variants, args)
-    ceilings = {name: statistics.median(samples) for name, samples in ceiling_samples.items()}
-    print_table(variants, ceilings, flops)
-    print(f"matmul ceilings (F.linear {CEILING_M}×{CEILING_K} by {CEILING_N}×{CEILING_K}, median "
-          f"of rounds): fp32 {ceilings['fp32']:,.0f} GFLOP/s "
-          f"({min(ceiling_samples['fp32']):,.0f}–{max(ceiling_samples['fp32']):,.0f}), "
-          f"bf16 {ceilings['bf16']:,.0f} GFLOP/s "
-          f"({min(ceiling_samples['bf16']):,.0f}–{max(ceiling_samples['bf16']):,.0f})")
-    print_ratios(variants, default_precision)
+        if "throughput" in sections:
+            run_throughput(default_precision, args)
+        if "checkpoint" in sections:
+            print_save_costs(measure_save_costs(default_precision, args), args)
     print(f"\nbenchmark time {time.perf_counter() - started:.0f} s")
 
 

@@ -1,5 +1,5 @@
 """The run survives its process dying: `kill -9` at moments the test picks (between saves,
-mid-save, right after a save) and SIGTERM. Each interrupted run is resumed by the same
+mid-save, right after a save) and SIGTERM or SIGINT. Each interrupted run is resumed by the same
 `helox train` command and must end bit-identical to one uninterrupted run (CPU, fp32)."""
 
 import json
@@ -109,19 +109,21 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(recipe, straight, tmp
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_sigterm_checkpoints_and_exits_0_then_resumes_exactly(recipe, straight, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_and_exits_0_then_resumes_exactly(recipe, straight, tmp_path,
+                                                               signum):
     run_dir = tmp_path / "preempted"
     process = start_cli(recipe[1], run_dir)
     wait_for_step(process, run_dir, 5)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     stopped = [e for e in read_metrics(run_dir / "events.jsonl")
                if e["event"] == "stopped_by_signal"]
-    assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
+    assert len(stopped) == 1 and stopped[0]["signal"] == signal.Signals(signum).name
     step = stopped[0]["step"]
     assert 5 <= step < STEPS and list_checkpoints(run_dir)[0].name == f"step-{step:08d}"
-    assert "SIGTERM: stopped after step" in output
+    assert f"{signal.Signals(signum).name}: stopped after step" in output
     finish = start_cli(recipe[1], run_dir)
     output, _ = finish.communicate(timeout=300)
     assert finish.returncode == 0, output
