@@ -262,14 +262,20 @@ def param_state(optimizer, model, name):
     return optimizer.state[dict(model.named_parameters())[name]]
 
 
+def restore_into(other, small, small_optimizer, config, tmp_path):
+    """Save the small model, load it partially into `other` with a fresh AdamW; returns that
+    optimizer and the weight and optimizer reports."""
+    path = ckpt.save_checkpoint(tmp_path / "run", 1, small, small_optimizer, {}, config,
+                                RUN_INFO, keep_last=1)
+    optimizer = build_optimizer(other, OptimConfig())
+    weights = ckpt.load_weights_partial(path, other)
+    return optimizer, weights, ckpt.load_optimizer_partial(path, optimizer, other)
+
+
 def test_partial_restore_into_a_model_with_one_more_layer(config, tmp_path):
     small, small_optimizer = trained(num_layers=2, steps=2)
-    path = ckpt.save_checkpoint(tmp_path / "run", 2, small, small_optimizer, {}, config,
-                                RUN_INFO, keep_last=1)
     grown, _ = trained(num_layers=3, steps=0, seed=5)
-    optimizer = build_optimizer(grown, OptimConfig())
-    weights = ckpt.load_weights_partial(path, grown)
-    report = ckpt.load_optimizer_partial(path, optimizer, grown)
+    optimizer, weights, report = restore_into(grown, small, small_optimizer, config, tmp_path)
 
     new_layer = {n for n, _ in grown.named_parameters() if n.startswith("blocks.2.")}
     small_names = [n for n, _ in small.named_parameters()]
@@ -291,12 +297,8 @@ def test_partial_restore_into_a_model_with_one_more_layer(config, tmp_path):
 
 def test_partial_restore_reports_changed_shapes_and_dropped_names(config, tmp_path):
     small, small_optimizer = trained(num_layers=2, steps=1)
-    path = ckpt.save_checkpoint(tmp_path / "run", 1, small, small_optimizer, {}, config,
-                                RUN_INFO, keep_last=1)
     other, _ = trained(num_layers=1, vocab_size=80, steps=0)
-    optimizer = build_optimizer(other, OptimConfig())
-    weights = ckpt.load_weights_partial(path, other)
-    report = ckpt.load_optimizer_partial(path, optimizer, other)
+    optimizer, weights, report = restore_into(other, small, small_optimizer, config, tmp_path)
     reason = "shape [64, 32] in the checkpoint, [80, 32] now"
     assert weights.fresh == {"embed.weight": reason, "lm_head.weight": reason}
     assert report.fresh == {"embed.weight": reason}
