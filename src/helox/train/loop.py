@@ -296,8 +296,9 @@ class Trainer:
                            **self.detector.reference()})
         raise HeloxError(f"training stopped at step {self.step}: {diagnosis}",
                          hint=f"see docs/runbooks.md#{runbook} and {self.run_dir}/events.jsonl; "
-                              "resuming replays from the newest checkpoint, so lower optim.lr "
-                              "or raise stability.rollback.max_rollbacks first")
+                              "raise stability.rollback.max_rollbacks and run the same command "
+                              "to resume before the streak, or start a new run with a lower "
+                              f"optim.lr and train.init_from={self.run_dir}")
 
     # -- checkpoints ----------------------------------------------------------------------
 
