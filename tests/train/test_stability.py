@@ -152,6 +152,13 @@ def test_past_the_rollback_budget_the_run_stops_with_a_diagnosis(tiny_dataset, w
     log = events(tmp_path / "run")
     assert [e["event"] for e in log if e["event"] != "loss_spike"] == ["rollback", "run_stopped"]
     assert log[-1]["severity"] == "critical" and log[-1]["step"] == 13
+    # What the hint offers: a new run with a lower LR from the stopped run's newest checkpoint.
+    assert "train.init_from=" in caught.value.hint
+    calmer = tiny_config(workspace, [*STABLE, "optim.lr=0.001",
+                                     f"train.init_from={tmp_path / 'run'}"])
+    assert run(calmer, tiny_dataset, tmp_path / "calmer").step == 24
+    started = events(tmp_path / "calmer")[0]
+    assert started["event"] == "initialized_from" and started["weights"]["fresh"] == {}
 
 
 def test_a_corrupted_batch_is_detected_as_a_spike_and_skipped(tiny_dataset, workspace,
