@@ -32,6 +32,7 @@ from helox.data.safety import PiiConfig, SecretsConfig
 from helox.data.sources import SourceConfig
 from helox.data.synthetic import SyntheticTaskConfig
 from helox.errors import HeloxError
+from helox.observe.health import HealthConfig
 
 __all__ = ["ConfigError", "StrictModel", "SourceConfig", "RunConfig", "load_config"]
 
@@ -440,6 +441,14 @@ class StabilityConfig(StrictModel):
     skipped and logged."""
 
 
+class ObserveConfig(StrictModel):
+    health: HealthConfig = HealthConfig()
+    """Health monitors: the conditions that raise alerts (events.jsonl, docs/runbooks.md)."""
+    peak_flops_per_s: float | None = Field(default=None, gt=0)
+    """The denominator of MFU; None measures the device's F.linear ceiling in the run's
+    precision at start (~0.1 s), as bench/train_throughput.py does."""
+
+
 class RunConfig(StrictModel):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$")
     """Run name; the default run folder is <workspace>/runs/<name>."""
@@ -466,6 +475,8 @@ class RunConfig(StrictModel):
     """Checkpoint cadence and retention."""
     stability: StabilityConfig = StabilityConfig()
     """Loss-spike detection and rollback."""
+    observe: ObserveConfig = ObserveConfig()
+    """What the run reports about itself: health monitors, MFU."""
     faults: FaultConfig = FaultConfig()
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()

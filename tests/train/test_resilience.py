@@ -16,7 +16,7 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from helox.config import save_config
-from helox.observe.metrics import read_metrics
+from helox.observe.metrics import read_metrics, without_wall_clock
 from helox.testing.tiny import tiny_config
 from helox.train.checkpoint import list_checkpoints
 from helox.train.loop import train
@@ -59,7 +59,7 @@ def wait_for_step(process, run_dir, step, timeout_s=120.0) -> None:
 
 
 def untimed(run_dir) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "checkpoint_stall_s")}
+    return [without_wall_clock(r)
             for r in read_metrics(run_dir / "metrics.jsonl")]
 
 

@@ -11,6 +11,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+WALL_CLOCK_FIELDS = frozenset({"tokens_per_s", "mfu", "memory_peak_mib", "checkpoint_stall_s"})
+"""Metrics that measure the machine, not the run: they differ between identical runs."""
+
+
+def without_wall_clock(record: dict) -> dict:
+    """The record without WALL_CLOCK_FIELDS: what must match between a run and its resume."""
+    return {k: v for k, v in record.items() if k not in WALL_CLOCK_FIELDS}
+
+
 class MetricsLog:
     """Append-only JSON lines, flushed per line so a crash loses at most the line being written."""
 

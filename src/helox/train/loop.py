@@ -7,6 +7,7 @@ Legend: B micro-batch size, T sequence length, V vocabulary.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -25,7 +26,9 @@ from helox.data.loader import (LoaderOptions, MicroBatch, StepBatch, TrainLoader
 from helox.data.prepare import open_named
 from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
+from helox.hardware import matmul_flops_per_s, memory_mib
 from helox.model.llama import Llama
+from helox.observe.health import Alert, HealthMonitor
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.train import checkpoint as ckpt
@@ -117,6 +120,13 @@ class Trainer:
             else None
         self.detector = SpikeDetector(config.stability.spike)
         self.recovery = Recovery(config.stability.rollback)
+        self.health = HealthMonitor(config.observe.health)
+        self.rollback_request: tuple[int, str] | None = None
+        """(first bad step, why) when a streak of bad steps or a divergence calls for one."""
+        self.flops_per_token = model_flops_per_token(self.model, config.train.seq_len)
+        self.peak_flops_per_s = config.observe.peak_flops_per_s or matmul_flops_per_s(
+            self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision,
+                                                                             torch.float32))
         injected = {stage.dataset: open_named(config, stage.dataset)
                     for stage in config.curriculum.inject if stage.dataset}
         self.loader = TrainLoader(dataset, loader_options(config), injected=injected)
@@ -165,8 +175,8 @@ class Trainer:
                 step_val_loss = self.evaluate_if_due()
                 val_loss = step_val_loss if step_val_loss is not None else val_loss
                 self.rebalance_if_due()
-                if self.recovery.due(self.detector):
-                    self.roll_back()
+                if self.rollback_request is not None:
+                    self.roll_back(*self.rollback_request)
                     saved = self.save(step_val_loss)
                 elif self.save_due(last_step):
                     saved = self.save(step_val_loss)
@@ -205,6 +215,10 @@ class Trainer:
         bad = self.detector.record(number, outcome.loss,
                                    None if outcome.skip_reason == "overflow"
                                    else outcome.skip_reason)
+        alerts = self.health.on_step(number, outcome.loss, outcome.skip_reason)
+        if self.recovery.due(self.detector):
+            self.rollback_request = (self.detector.streak_start,
+                                     f"{self.detector.streak} bad steps in a row")
         if outcome.skipped:
             self.skipped_steps += 1
         else:
@@ -212,12 +226,16 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
         tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
+        mfu = tokens_per_s * self.flops_per_token / self.peak_flops_per_s
         beta1, beta2 = effective_betas(config.optim, step)
         self.step = number
         self.metrics.write({
             "step": number, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
+            "grad_norm_clipped": min(outcome.grad_norm, clip_norm) if clip_norm
+            else outcome.grad_norm,
             **objective_metrics(config, outcome, step), "clip_norm": clip_norm,
             "beta1_eff": beta1, "beta2_eff": beta2, "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(mfu, 4), **memory_mib(self.device),
             **({"skipped": outcome.skip_reason} if outcome.skipped else {}),
             **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
             **({"lr_cooldown_factor": lr_factor} if lr_factor != 1.0 else {}),
@@ -226,7 +244,21 @@ class Trainer:
         if bad:
             self.events.write(bad_step_event(number, bad, outcome, z_score, self.detector,
                                              self.skipped_steps))
+        self.raise_alerts(alerts)
         return outcome, tokens_per_s
+
+    def raise_alerts(self, alerts: list[Alert]) -> None:
+        """Each alert to events.jsonl; a divergence asks for a rollback to before its window
+        (when stability.rollback is on)."""
+        for alert in alerts:
+            record = alert.event(self.step)
+            if alert.action == "rollback":
+                if self.recovery.config is None:
+                    record["action"] = "none (stability.rollback is off)"
+                elif self.rollback_request is None:
+                    window = self.config.observe.health.divergence.window_steps
+                    self.rollback_request = (max(1, self.step - window + 1), alert.message)
+            self.events.write(record)
 
     def evaluate_if_due(self) -> float | None:
         tc = self.config.train
@@ -235,11 +267,13 @@ class Trainer:
             return None
         val_loss, by_domain = self.evaluator.losses(self.eval_loss_fn, self.model, "eval")
         record = {"step": self.step, "val_loss": val_loss,
-                  **{f"val_loss.{d}": v for d, v in by_domain.items()}}
+                  **{f"val_loss.{d}": v for d, v in by_domain.items()},
+                  **{f"val_ppl.{d}": math.exp(min(v, 50.0)) for d, v in by_domain.items()}}
         if self.ema is not None:
             record["val_loss_ema"] = self.evaluator.losses(self.ema_loss_fn, self.ema.module,
                                                            "eval")[0]
         self.metrics.write(record)
+        self.raise_alerts(self.health.on_eval(self.step, val_loss))
         return val_loss
 
     def rebalance_if_due(self) -> None:
@@ -254,29 +288,30 @@ class Trainer:
 
     # -- recovery -------------------------------------------------------------------------
 
-    def roll_back(self) -> None:
-        """Back to the newest checkpoint before the bad streak; the data moves on (the window
-        is skipped) and the LR is cut for a cool-down. Stops the run past the budget."""
-        streak_start, step = self.detector.streak_start, self.step
+    def roll_back(self, streak_start: int, why: str) -> None:
+        """Back to the newest checkpoint before step `streak_start`, the first bad one; the
+        data moves on (the window is skipped) and the LR is cut for a cool-down. Stops the
+        run past the budget."""
+        step, self.rollback_request = self.step, None
         if self.recovery.budget_left <= 0:
-            self.stop_run(f"{self.detector.streak} bad steps in a row (steps {streak_start}–"
-                          f"{step}) and the rollback budget is spent "
-                          f"({self.recovery.rollbacks} of stability.rollback.max_rollbacks="
+            self.stop_run(f"{why} (steps {streak_start}–{step}) and the rollback budget is "
+                          f"spent ({self.recovery.rollbacks} of "
+                          f"stability.rollback.max_rollbacks="
                           f"{self.recovery.config.max_rollbacks})", "rollback-budget")
         self.writer.wait()  # the save in flight may be the target, and it prunes
         target = checkpoint_before(self.run_dir, streak_start, self.warn)
         if target is None:
-            self.stop_run(f"{self.detector.streak} bad steps in a row (steps {streak_start}–"
-                          f"{step}) and no valid checkpoint before step {streak_start} to roll "
-                          f"back to", "rollback-budget")
+            self.stop_run(f"{why} (steps {streak_start}–{step}) and no valid checkpoint "
+                          f"before step {streak_start} to roll back to", "rollback-budget")
         self.load_model_state(target)
         self.detector.restore_reference(
             target.state.get("stability", {}).get("detector", {"history": []}))
+        self.health.cleared("divergence")
         self.recovery.start_cooldown(step)
         cfg = self.recovery.config
         self.events.write({
             "step": step, "event": "rollback", "severity": "critical", "runbook": "rollback",
-            "bad_steps": [streak_start, step], "checkpoint": target.path.name,
+            "cause": why, "bad_steps": [streak_start, step], "checkpoint": target.path.name,
             "restored_step": target.step, "skipped_data_steps": [target.step + 1, step],
             "lr_factor": self.recovery.cooldown_factor,
             "cooldown_until_step": self.recovery.cooldown_until,
@@ -285,7 +320,7 @@ class Trainer:
                       f"{target.step} restored; batches of steps {target.step + 1}–{step} "
                       f"skipped; LR × {self.recovery.cooldown_factor:g} until step "
                       f"{self.recovery.cooldown_until}"})
-        self.console.print(f"[yellow]rollback:[/] steps {streak_start}–{step} were bad; "
+        self.console.print(f"[yellow]rollback:[/] {escape(why)}, steps {streak_start}–{step}; "
                            f"restored {target.path.name}, LR × "
                            f"{self.recovery.cooldown_factor:g} for {cfg.cooldown_steps} steps "
                            f"(rollback {self.recovery.rollbacks} of {cfg.max_rollbacks})")
@@ -322,7 +357,8 @@ class Trainer:
                  "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
                  "stability": {"detector": self.detector.state_dict(),
                                "recovery": self.recovery.state_dict()},
-                 "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                 "health": self.health.state_dict()}
         snapshot = ckpt.snapshot(self.step, self.model, self.optimizer, state, self.config,
                                  self.run_info,
                                  extra_files={"tokenizer.json": self.dataset.tokenizer_path},
@@ -366,6 +402,8 @@ class Trainer:
         if stability is not None:
             self.detector.load_state_dict(stability["detector"])
             self.recovery.load_state_dict(stability["recovery"])
+        if "health" in restored.state:
+            self.health.load_state_dict(restored.state["health"])
         set_rng_state(restored.state["rng"])
         truncate_after_step(self.run_dir / "metrics.jsonl", restored.step)
         truncate_after_step(self.run_dir / "events.jsonl", restored.step)
@@ -477,6 +515,13 @@ def corrupted(batch: StepBatch, vocab_size: int, seed: int) -> StepBatch:
     random_NT1 = torch.randint(0, vocab_size, (rows, length + 1), generator=generator)
     tokens_KNT[0], tokens_KNT[1] = random_NT1[:, :-1], random_NT1[:, 1:]
     return StepBatch(batch.step, batch.seq_len, tokens_KNT, batch.domains, batch.state)
+
+
+def model_flops_per_token(model: Llama, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per matmul parameter (forward and backward) plus attention
+    scores and values, 12 × layers × d_model × context (PaLM's appendix B)."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6 * matmul_params + 12 * model.cfg.num_layers * model.cfg.d_model * seq_len
 
 
 def checkpoint_step(path: Path) -> int:
