@@ -33,6 +33,7 @@ from helox.data.sources import SourceConfig
 from helox.data.synthetic import SyntheticTaskConfig
 from helox.errors import HeloxError
 from helox.observe.health import HealthConfig
+from helox.observe.probes import TelemetryConfig
 
 __all__ = ["ConfigError", "StrictModel", "SourceConfig", "RunConfig", "load_config"]
 
@@ -442,6 +443,8 @@ class StabilityConfig(StrictModel):
 
 
 class ObserveConfig(StrictModel):
+    telemetry: TelemetryConfig = TelemetryConfig()
+    """The model's insides, sampled every N steps on a fixed probe batch (observe/probes.py)."""
     health: HealthConfig = HealthConfig()
     """Health monitors: the conditions that raise alerts (events.jsonl, docs/runbooks.md)."""
     peak_flops_per_s: float | None = Field(default=None, gt=0)
@@ -476,7 +479,7 @@ class RunConfig(StrictModel):
     stability: StabilityConfig = StabilityConfig()
     """Loss-spike detection and rollback."""
     observe: ObserveConfig = ObserveConfig()
-    """What the run reports about itself: health monitors, MFU."""
+    """What the run reports about itself: sampled telemetry, health monitors, MFU."""
     faults: FaultConfig = FaultConfig()
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()

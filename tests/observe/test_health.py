@@ -104,3 +104,37 @@ def test_a_diverging_run_alerts_and_rolls_back(tiny_dataset, workspace, tmp_path
     assert alert["severity"] == "critical" and alert["runbook"] == "alert-divergence"
     assert rollback["cause"] == alert["message"] and rollback["step"] == alert["step"]
     assert rollback["restored_step"] < alert["step"] - 6 + 1
+
+
+def test_telemetry_in_the_loop_drift_alert_and_exact_resume(tiny_dataset, workspace, tmp_path):
+    from helox.observe.metrics import read_metrics, without_wall_clock
+    from helox.testing.tiny import tiny_config
+    from helox.train.loop import train
+
+    sampled = ["train.max_steps=32", "checkpoint.every_steps=8", "train.eval_every_steps=8",
+               "observe.telemetry.sample_every_steps=8"]
+    quiet = Console(quiet=True)
+    train(tiny_config(workspace, sampled), tmp_path / "clean", tiny_dataset, console=quiet)
+    assert not (tmp_path / "clean" / "events.jsonl").read_text()  # silent on a clean run
+    lines = [r for r in read_metrics(tmp_path / "clean" / "metrics.jsonl")
+             if r.get("event") == "telemetry"]
+    assert [r["step"] for r in lines] == [8, 16, 24, 32]
+    assert {"attn_entropy.layer1.head3", "dead_neurons.layer0", "token_drift_js",
+            "rare_token_mass", "loss_p99"} <= set(lines[0])
+    maps = read_metrics(tmp_path / "clean" / "telemetry.jsonl")
+    assert len(maps) == 4 and len(maps[0]["attn_entropy_LH"]) == 2  # layers × heads
+    assert sum(maps[0]["histograms"]["act_norm.layer0"]["counts"]) > 0
+    # Random tokens from step 17 on: the window of steps 17-24 drifts, once alerted.
+    drifting = tiny_config(workspace, [*sampled, "stability.spike=null",
+                                       f"faults.corrupt_batch_at_steps={list(range(17, 33))}"])
+    train(drifting, tmp_path / "drift", tiny_dataset, console=quiet)
+    alerts = read_metrics(tmp_path / "drift" / "events.jsonl")
+    assert [(a["step"], a["alert"]) for a in alerts] == [(24, "drift")]
+    assert alerts[0]["token_drift_js"] > 3 * alerts[0]["token_drift_js_floor"]
+    # The probes' windows are checkpointed: stopping at 20 and resuming changes nothing.
+    train(drifting, tmp_path / "resumed", tiny_dataset, until_step=20, console=quiet)
+    train(drifting, tmp_path / "resumed", tiny_dataset, console=quiet)
+    straight, resumed = (
+        [without_wall_clock(r) for r in read_metrics(tmp_path / name / "metrics.jsonl")
+         if "checkpoint" not in r] for name in ("drift", "resumed"))
+    assert resumed == straight

@@ -61,6 +61,16 @@ class Attention(nn.Module):
         """cos/sin are (T, E), or (B, 1, T, E) with per-sequence positions; mask_B1TT (True =
         attend) replaces the causal mask when given."""
         B, T, _ = x_BTD.shape
+        q_BHTE, k_BHTE, v_BHTE = self.heads(x_BTD, cos_TE, sin_TE)
+        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, attn_mask=mask_B1TT,
+                                                is_causal=mask_B1TT is None)
+        return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+
+    def heads(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries and keys and the values, K/V repeated to one per query head: what
+        the forward feeds SDPA, shared with `attention_probs` so both see the same scores."""
+        B, T, _ = x_BTD.shape
         q_BHTE = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTE = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -70,9 +80,19 @@ class Attention(nn.Module):
             repeats = self.num_heads // self.num_kv_heads
             k_BKTE = k_BKTE.repeat_interleave(repeats, dim=1)
             v_BKTE = v_BKTE.repeat_interleave(repeats, dim=1)
-        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask_B1TT,
-                                                is_causal=mask_B1TT is None)
-        return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
+        return q_BHTE, k_BKTE, v_BKTE
+
+    def attention_probs(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
+                        mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention weights (B, H, T, T) in fp32 that the forward's SDPA applies and does
+        not return: for telemetry and explanations, not training (it holds H * T^2 floats per
+        sequence). Takes the forward's arguments; masked entries are exactly 0."""
+        q_BHTE, k_BHTE, _ = self.heads(x_BTD, cos_TE, sin_TE)
+        T = q_BHTE.shape[2]
+        scores_BHTT = q_BHTE.float() @ k_BHTE.float().transpose(-2, -1) / math.sqrt(self.head_dim)
+        if mask_B1TT is None:
+            mask_B1TT = torch.ones(T, T, dtype=torch.bool, device=scores_BHTT.device).tril()
+        return scores_BHTT.masked_fill(~mask_B1TT, float("-inf")).softmax(dim=-1)
 
 
 def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ machinery has one (a divergence rolls back, like a streak of bad steps).
 | entropy_collapse | attention entropy per head     | a head's entropy falls below the floor      |
 | dead_units       | dead-neuron fraction per layer | it grew by more than max_growth since the   |
 |                  |                                | first sample                                |
-| drift            | token-frequency JS divergence  | it exceeds max_js                           |
+| drift            | token-frequency JS divergence  | it exceeds max_js and noise_multiple × its  |
+|                  |                                | sampling-noise floor                        |
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ class DeadUnitsConfig(StrictModel):
 
 
 class DriftConfig(StrictModel):
-    max_js: float = Field(default=0.15, ge=0)
-    """Fire when the Jensen–Shannon divergence between a batch's tokens and the dataset's
-    unigram distribution exceeds this."""
+    max_js: float = Field(default=0.05, ge=0)
+    """Fire when the Jensen–Shannon divergence (nats) between the tokens trained on since the
+    last sample and the dataset's unigram distribution exceeds this..."""
+    noise_multiple: float = Field(default=3.0, ge=1)
+    """...and this multiple of the divergence that the same number of tokens drawn from the
+    dataset itself shows (`token_drift_js_floor`): small windows over large vocabularies
+    diverge by sampling noise alone."""
 
 
 class HealthConfig(StrictModel):
@@ -215,10 +220,13 @@ class HealthMonitor:
         js = scalars.get("token_drift_js")
         if cfg is None or js is None:
             return []
-        return self._edge("drift", js > cfg.max_js, lambda: Alert(
+        floor = scalars.get("token_drift_js_floor", 0.0)
+        drifted = js > cfg.max_js and js > cfg.noise_multiple * floor
+        return self._edge("drift", drifted, lambda: Alert(
             "drift", "warning",
-            f"the batch's token distribution drifted from the dataset's: JS divergence "
-            f"{js:.3f} > {cfg.max_js}", {"token_drift_js": js}, "none"))
+            f"the tokens trained on drifted from the dataset's distribution: JS divergence "
+            f"{js:.3f} nats > {cfg.max_js} (sampling noise alone: {floor:.3f})",
+            {"token_drift_js": js, "token_drift_js_floor": floor}, "none"))
 
     def _edge(self, name: str, condition: bool, alert) -> list[Alert]:
         """Fire on the rising edge of `condition`; re-arm once it is false again."""

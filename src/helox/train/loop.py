@@ -29,14 +29,15 @@ from helox.errors import HeloxError
 from helox.hardware import matmul_flops_per_s, memory_mib
 from helox.model.llama import Llama
 from helox.observe.health import Alert, HealthMonitor
+from helox.observe.probes import Telemetry, probe_batches, unigram_counts
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.train import checkpoint as ckpt
 from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
 from helox.train.precision import apply_precision_policy
 from helox.train.stability import Recovery, SpikeDetector
-from helox.train.step import (LossFn, StepOutcome, compiled, make_loss_fn, make_scaler,
-                              pick_precision, train_step)
+from helox.train.step import (AUTOCAST_DTYPES, LossFn, StepOutcome, compiled, make_loss_fn,
+                              make_scaler, pick_precision, train_step)
 
 # Config fields that may change when resuming: they do not change the trajectory (compile
 # changes only rounding, and turning it off must stay possible when a compiler breaks; the data
@@ -121,6 +122,7 @@ class Trainer:
         self.detector = SpikeDetector(config.stability.spike)
         self.recovery = Recovery(config.stability.rollback)
         self.health = HealthMonitor(config.observe.health)
+        self.telemetry, self.probe = self.build_telemetry()
         self.rollback_request: tuple[int, str] | None = None
         """(first bad step, why) when a streak of bad steps or a divergence calls for one."""
         self.flops_per_token = model_flops_per_token(self.model, config.train.seq_len)
@@ -141,10 +143,18 @@ class Trainer:
         self.step, self.skipped_steps = 0, 0
         self.resumed_from: int | None = None
         self.init_record: dict | None = None
-        self.metrics = self.events = None
+        self.metrics = self.events = self.telemetry_log = None
         self.faults = (config.faults.nan_steps(), config.faults.spike_steps(),
                        config.faults.corrupt_steps())
         self.crash_save_steps = config.faults.crash_save_steps()
+
+    def build_telemetry(self) -> tuple[Telemetry | None, dict[str, MicroBatch] | None]:
+        """The sampled probes and their fixed batch (None when observe.telemetry is off)."""
+        cfg, tc = self.config.observe.telemetry, self.config.train
+        if not cfg.sample_every_steps:
+            return None, None
+        telemetry = Telemetry(cfg, self.config.model, unigram_counts(self.dataset))
+        return telemetry, probe_batches(self.dataset, cfg, tc.seq_len, tc.document_masking)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -161,6 +171,7 @@ class Trainer:
         self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.events = MetricsLog(self.run_dir / "events.jsonl")
+        self.telemetry_log = MetricsLog(self.run_dir / "telemetry.jsonl")
         if self.init_record is not None:
             self.events.write(self.init_record)
         last_step = min(tc.max_steps, until_step or tc.max_steps)
@@ -173,6 +184,7 @@ class Trainer:
                 outcome, tokens_per_s = self.train_one_step()
                 loss = outcome.loss
                 step_val_loss = self.evaluate_if_due()
+                self.sample_telemetry_if_due()
                 val_loss = step_val_loss if step_val_loss is not None else val_loss
                 self.rebalance_if_due()
                 if self.rollback_request is not None:
@@ -201,6 +213,8 @@ class Trainer:
         nan_steps, spike_steps, corrupt_steps = self.faults
         if number in corrupt_steps:
             batch = corrupted(batch, self.dataset.vocab_size, tc.seed)
+        if self.telemetry is not None:
+            self.telemetry.count_tokens(batch.data.inputs)
         clip_norm = self.clip.threshold()
         outcome = train_step(self.train_loss_fn, self.model, self.optimizer,
                              batch.micro_batches(micro_rows(config, batch)), clip_norm,
@@ -275,6 +289,22 @@ class Trainer:
         self.metrics.write(record)
         self.raise_alerts(self.health.on_eval(self.step, val_loss))
         return val_loss
+
+    def sample_telemetry_if_due(self) -> None:
+        """Probe the model's insides (observe.telemetry): one line of scalars in metrics.jsonl,
+        the histograms and the attention-entropy map in telemetry.jsonl, alerts to events."""
+        if self.telemetry is None or not self.config.observe.telemetry.due(self.step):
+            return
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
+                            enabled=dtype is not None):
+            sample = self.telemetry.sample(self.step, self.model, self.probe)
+        self.metrics.write({"step": self.step, "event": "telemetry", **sample.scalars})
+        self.telemetry_log.write({
+            "step": self.step, "attn_entropy_LH": sample.attention_entropy_LH.tolist(),
+            "histograms": {name: {"bin_edges": h.bin_edges.tolist(), "counts": h.counts.tolist()}
+                           for name, h in sample.histograms.items()}})
+        self.raise_alerts(self.health.on_sample(self.step, sample.scalars))
 
     def rebalance_if_due(self) -> None:
         if not self.loader.rebalance_due(self.step):
@@ -358,7 +388,8 @@ class Trainer:
                  "stability": {"detector": self.detector.state_dict(),
                                "recovery": self.recovery.state_dict()},
                  "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                 "health": self.health.state_dict()}
+                 "health": self.health.state_dict(),
+                 "telemetry": self.telemetry.state_dict() if self.telemetry else None}
         snapshot = ckpt.snapshot(self.step, self.model, self.optimizer, state, self.config,
                                  self.run_info,
                                  extra_files={"tokenizer.json": self.dataset.tokenizer_path},
@@ -404,9 +435,12 @@ class Trainer:
             self.recovery.load_state_dict(stability["recovery"])
         if "health" in restored.state:
             self.health.load_state_dict(restored.state["health"])
+        if self.telemetry is not None and restored.state.get("telemetry") is not None:
+            self.telemetry.load_state_dict(restored.state["telemetry"])
         set_rng_state(restored.state["rng"])
         truncate_after_step(self.run_dir / "metrics.jsonl", restored.step)
         truncate_after_step(self.run_dir / "events.jsonl", restored.step)
+        truncate_after_step(self.run_dir / "telemetry.jsonl", restored.step)
         self.console.print(f"resuming from {restored.path.name}")
         self.step = self.resumed_from = restored.step
 
@@ -451,7 +485,7 @@ class Trainer:
     def close(self) -> None:
         """Finish the save in flight (its folder exists once this returns), then the rest."""
         self.writer.close()
-        for log in (self.metrics, self.events):
+        for log in (self.metrics, self.events, self.telemetry_log):
             if log is not None:
                 log.close()
         self.loader.close()
