@@ -34,6 +34,7 @@ from helox.data.synthetic import SyntheticTaskConfig
 from helox.errors import HeloxError
 from helox.observe.health import HealthConfig
 from helox.observe.probes import TelemetryConfig
+from helox.observe.sinks import SinksConfig
 
 __all__ = ["ConfigError", "StrictModel", "SourceConfig", "RunConfig", "load_config"]
 
@@ -447,6 +448,9 @@ class ObserveConfig(StrictModel):
     """The model's insides, sampled every N steps on a fixed probe batch (observe/probes.py)."""
     health: HealthConfig = HealthConfig()
     """Health monitors: the conditions that raise alerts (events.jsonl, docs/runbooks.md)."""
+    sinks: SinksConfig = SinksConfig()
+    """Where metrics, histograms and alerts go besides the JSONL files: TensorBoard, MLflow,
+    W&B (offline), a Prometheus /metrics endpoint (observe/sinks.py)."""
     peak_flops_per_s: float | None = Field(default=None, gt=0)
     """The denominator of MFU; None measures the device's F.linear ceiling in the run's
     precision at start (~0.1 s), as bench/train_throughput.py does."""
@@ -479,7 +483,7 @@ class RunConfig(StrictModel):
     stability: StabilityConfig = StabilityConfig()
     """Loss-spike detection and rollback."""
     observe: ObserveConfig = ObserveConfig()
-    """What the run reports about itself: sampled telemetry, health monitors, MFU."""
+    """What the run reports about itself: sampled telemetry, health monitors, sinks, MFU."""
     faults: FaultConfig = FaultConfig()
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()

@@ -30,6 +30,7 @@ from helox.hardware import matmul_flops_per_s, memory_mib
 from helox.model.llama import Llama
 from helox.observe.health import Alert, HealthMonitor
 from helox.observe.probes import Telemetry, probe_batches, unigram_counts
+from helox.observe.sinks import Sinks, open_sinks
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.train import checkpoint as ckpt
@@ -69,9 +70,12 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     trainer = Trainer(config, Path(run_dir), dataset, console or Console(stderr=True))
     try:
         with StopSignals() as signals:
-            return trainer.run(until_step, signals)
-    finally:
-        trainer.close()
+            result = trainer.run(until_step, signals)
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
+    return result
 
 
 class StopSignals:
@@ -144,6 +148,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.init_record: dict | None = None
         self.metrics = self.events = self.telemetry_log = None
+        self.sinks: Sinks | None = None
         self.faults = (config.faults.nan_steps(), config.faults.spike_steps(),
                        config.faults.corrupt_steps())
         self.crash_save_steps = config.faults.crash_save_steps()
@@ -172,8 +177,14 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.events = MetricsLog(self.run_dir / "events.jsonl")
         self.telemetry_log = MetricsLog(self.run_dir / "telemetry.jsonl")
+        self.sinks = open_sinks(config.observe.sinks, self.run_dir, self.run_info,
+                                config.model_dump(mode="json"), start_step=self.step,
+                                warn=self.warn)
+        for name, where in self.sinks.info.items():
+            details = ", ".join(f"{k} {v}" for k, v in where.items())
+            self.console.print(f"{name}: {details}", soft_wrap=True, markup=False)
         if self.init_record is not None:
-            self.events.write(self.init_record)
+            self.event(self.init_record)
         last_step = min(tc.max_steps, until_step or tc.max_steps)
         loss, val_loss, saved, stopped_by = None, None, None, None
         self.last_save_time = time.monotonic()
@@ -243,7 +254,7 @@ class Trainer:
         mfu = tokens_per_s * self.flops_per_token / self.peak_flops_per_s
         beta1, beta2 = effective_betas(config.optim, step)
         self.step = number
-        self.metrics.write({
+        self.log({
             "step": number, "loss": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
             "grad_norm_clipped": min(outcome.grad_norm, clip_norm) if clip_norm
             else outcome.grad_norm,
@@ -251,12 +262,12 @@ class Trainer:
             "beta1_eff": beta1, "beta2_eff": beta2, "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(mfu, 4), **memory_mib(self.device),
             **({"skipped": outcome.skip_reason} if outcome.skipped else {}),
-            **({"skipped_steps": self.skipped_steps} if self.skipped_steps else {}),
+            "skipped_steps": self.skipped_steps,
             **({"lr_cooldown_factor": lr_factor} if lr_factor != 1.0 else {}),
             **({"loss_scale": outcome.loss_scale} if outcome.loss_scale is not None else {}),
             **data_metrics(self.loader, batch)})
         if bad:
-            self.events.write(bad_step_event(number, bad, outcome, z_score, self.detector,
+            self.event(bad_step_event(number, bad, outcome, z_score, self.detector,
                                              self.skipped_steps))
         self.raise_alerts(alerts)
         return outcome, tokens_per_s
@@ -272,7 +283,7 @@ class Trainer:
                 elif self.rollback_request is None:
                     window = self.config.observe.health.divergence.window_steps
                     self.rollback_request = (max(1, self.step - window + 1), alert.message)
-            self.events.write(record)
+            self.event(record)
 
     def evaluate_if_due(self) -> float | None:
         tc = self.config.train
@@ -286,7 +297,7 @@ class Trainer:
         if self.ema is not None:
             record["val_loss_ema"] = self.evaluator.losses(self.ema_loss_fn, self.ema.module,
                                                            "eval")[0]
-        self.metrics.write(record)
+        self.log(record)
         self.raise_alerts(self.health.on_eval(self.step, val_loss))
         return val_loss
 
@@ -299,7 +310,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
                             enabled=dtype is not None):
             sample = self.telemetry.sample(self.step, self.model, self.probe)
-        self.metrics.write({"step": self.step, "event": "telemetry", **sample.scalars})
+        self.log({"step": self.step, "event": "telemetry", **sample.scalars})
+        for name, histogram in sample.histograms.items():
+            self.sinks.histogram(self.step, name, histogram.bin_edges, histogram.counts)
         self.telemetry_log.write({
             "step": self.step, "attn_entropy_LH": sample.attention_entropy_LH.tolist(),
             "histograms": {name: {"bin_edges": h.bin_edges.tolist(), "counts": h.counts.tolist()}
@@ -311,7 +324,7 @@ class Trainer:
             return
         _, by_domain = self.evaluator.losses(self.eval_loss_fn, self.model, "rebalance")
         weights = self.loader.rebalance(self.step, by_domain)
-        self.metrics.write({"step": self.step, "event": "rebalance",
+        self.log({"step": self.step, "event": "rebalance",
                             **{f"rebalance_loss.{d}": v for d, v in by_domain.items()},
                             **{f"rebalance_weight.{d}": w
                                for d, w in zip(self.loader.domains, weights)}})
@@ -339,7 +352,7 @@ class Trainer:
         self.health.cleared("divergence")
         self.recovery.start_cooldown(step)
         cfg = self.recovery.config
-        self.events.write({
+        self.event({
             "step": step, "event": "rollback", "severity": "critical", "runbook": "rollback",
             "cause": why, "bad_steps": [streak_start, step], "checkpoint": target.path.name,
             "restored_step": target.step, "skipped_data_steps": [target.step + 1, step],
@@ -356,7 +369,7 @@ class Trainer:
                            f"(rollback {self.recovery.rollbacks} of {cfg.max_rollbacks})")
 
     def stop_run(self, diagnosis: str, runbook: str) -> None:
-        self.events.write({"step": self.step, "event": "run_stopped", "severity": "critical",
+        self.event({"step": self.step, "event": "run_stopped", "severity": "critical",
                            "runbook": runbook, "diagnosis": diagnosis,
                            **self.detector.reference()})
         raise HeloxError(f"training stopped at step {self.step}: {diagnosis}",
@@ -397,14 +410,14 @@ class Trainer:
                                  val_loss=val_loss)
         path = self.writer.save(snapshot, crash_halfway=self.step in self.crash_save_steps)
         self.last_save_time = time.monotonic()
-        self.metrics.write({"step": self.step, "checkpoint": path.name,
+        self.log({"step": self.step, "checkpoint": path.name,
                             "checkpoint_stall_s": round(self.writer.last_stall_s, 4)})
         return path
 
     def stop_for_signal(self, name: str, saved: Path | None, val_loss: float | None) -> Path:
         if saved is None or checkpoint_step(saved) != self.step:
             saved = self.save(val_loss)
-        self.events.write({"step": self.step, "event": "stopped_by_signal", "severity": "info",
+        self.event({"step": self.step, "event": "stopped_by_signal", "severity": "info",
                            "runbook": "preemption", "signal": name, "checkpoint": saved.name})
         self.console.print(f"{name}: stopped after step {self.step}, checkpoint {saved}; the "
                            "same command resumes")
@@ -479,12 +492,25 @@ class Trainer:
             ckpt.load_weights(restored.path, self.ema.module, ema=True)
             self.ema.n_averaged.fill_(restored.state["ema_updates"])
 
+    def log(self, record: dict) -> None:
+        """A metrics line: metrics.jsonl and every sink."""
+        self.metrics.write(record)
+        self.sinks.scalars(record["step"], record)
+
+    def event(self, record: dict) -> None:
+        """An events line (an action or an alert): events.jsonl and every sink."""
+        self.events.write(record)
+        self.sinks.event(record)
+
     def warn(self, message: str) -> None:
         self.console.print("[yellow]warning:[/]", escape(message))
 
-    def close(self) -> None:
-        """Finish the save in flight (its folder exists once this returns), then the rest."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the save in flight (its folder exists once this returns), then the rest;
+        `failed`: the run ends with an exception (the sinks mark their runs failed)."""
         self.writer.close()
+        if self.sinks is not None:
+            self.sinks.close(failed=failed)
         for log in (self.metrics, self.events, self.telemetry_log):
             if log is not None:
                 log.close()
