@@ -217,7 +217,7 @@ def test_wandb_offline_run_holds_the_history_and_a_resume_keeps_the_run_id(tmp_p
     run_id, folder = sinks.info["wandb"]["run_id"], Path(sinks.info["wandb"]["dir"])
     assert folder.parent == tmp_path / "wandb" and folder.name.startswith("offline-run-")
 
-    history = wandb_history(folder)
+    history = settled_wandb_history(folder)
     assert [(h["_step"], h["loss"]) for h in history if "loss" in h] == [(1, 4.0), (2, 2.0)]
     assert [h["val_loss/web"] for h in history if "val_loss/web" in h] == [3.0, 1.5]
     (hist,) = [h for h in history if "act_norm/layer0/bins" in h]
@@ -233,14 +233,25 @@ def test_wandb_offline_run_holds_the_history_and_a_resume_keeps_the_run_id(tmp_p
     assert resumed.info["wandb"]["run_id"] == run_id
     folders = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(folders) == 2  # `wandb sync` merges them into one run
-    # Once, under the whole suite's load, this folder's history read back empty right after
-    # close(): wandb-core may still be writing it. It is read until it appears (10 s at most).
-    deadline, losses = time.monotonic() + 10, []
-    while not losses and time.monotonic() < deadline:
-        losses = [h["loss"] for h in wandb_history(Path(resumed.info["wandb"]["dir"]))
-                  if "loss" in h]
-        time.sleep(0.2)
-    assert losses == [pytest.approx(4.0 / 3)]
+    assert [h["loss"] for h in settled_wandb_history(Path(resumed.info["wandb"]["dir"]))
+            if "loss" in h] == [pytest.approx(4.0 / 3)]
+
+
+def settled_wandb_history(folder: Path, timeout_s: float = 20.0) -> list[dict]:
+    """The offline run's history once it stops growing. Under the whole suite's load it has
+    read back empty right after close() (wandb-core, a separate process, was still writing
+    it), never in isolation; data that never arrives still fails the test."""
+    deadline, previous = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            history = wandb_history(folder)
+        except Exception:  # a record still being written
+            history = None
+        if history and history == previous:
+            return history
+        previous = history
+        time.sleep(0.5)
+    return previous or []
 
 
 # -- Prometheus --------------------------------------------------------------------------
