@@ -1,5 +1,5 @@
 """The training loop. `train` reads top to bottom: build, resume, then per step: train, log,
-evaluate, rebalance, recover, save.
+evaluate, sample the telemetry, rebalance, recover, save.
 
 Legend: B micro-batch size, T sequence length, V vocabulary.
 """
