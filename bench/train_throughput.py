@@ -47,10 +47,19 @@ the write ended) or not, so the cost of the writer thread competing for the 2 co
 the tokens/s of those steps and as the net training time a save costs: stall + the extra
 seconds of its overlapped steps over the median clean step.
 
+Telemetry overhead (section "telemetry"): the default training step in alternating blocks of
+--telemetry-steps steps (default 50, observe.telemetry's cadence), each step writing its
+metrics.jsonl line, without and with everything the loop adds when telemetry and sinks are on:
+token counting every step, one probe sample of 4 sequences per block (with its histograms),
+every value sent to TensorBoard and Prometheus sinks. The ratio of the blocks' tokens/s is
+the overhead; the target is ≥ 0.95×.
+
 Run: .venv/bin/python bench/train_throughput.py [--compile] [--rounds 3] [--steps 20]
-[--only throughput|checkpoint] [--saves 5] [--steps-between-saves 4]
-(about 12 minutes on 2 cores, of which the checkpoint section about 1; --compile adds the
-compiled transformers variant and compiles the activation-checkpointing one, also about 12).
+[--only throughput|checkpoint|telemetry] [--saves 5] [--steps-between-saves 4]
+[--telemetry-steps 50]
+(about 16 minutes on 2 cores, of which the checkpoint section about 1 and the telemetry
+section about 4; --compile adds the compiled transformers variant and compiles the
+activation-checkpointing one).
 """
 
 from __future__ import annotations
@@ -75,6 +84,9 @@ from helox.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
 from helox.data.loader import MicroBatch
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
+from helox.observe.metrics import MetricsLog
+from helox.observe.probes import Telemetry, TelemetryConfig
+from helox.observe.sinks import SinksConfig, open_sinks
 from helox.repro import rng_state, seed_everything
 from helox.testing.tiny import tiny_config
 from helox.train.checkpoint import CheckpointWriter, snapshot
@@ -98,7 +110,7 @@ AC_SUFFIX = " + activation ckpt"
 CEILING_M, CEILING_K, CEILING_N = TOKENS_PER_STEP, SHAPE.d_model, 4 * SHAPE.d_model
 CEILING_REPS = 50
 CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SECTIONS = ("throughput", "checkpoint")
+SECTIONS = ("throughput", "checkpoint", "telemetry")
 SAVE_MODES = ("sync", "async")
 RUN_INFO = {"fingerprint": "0" * 64, "resume_key": "0" * 64}  # what snapshot() requires
 
@@ -148,6 +160,9 @@ def parse_args() -> argparse.Namespace:
                         help="checkpoint saves per mode (sync, async), interleaved (default 5)")
     parser.add_argument("--steps-between-saves", type=int, default=4,
                         help="training steps after every save (default 4)")
+    parser.add_argument("--telemetry-steps", type=int, default=50,
+                        help="steps per block of the telemetry section: one sample per block "
+                             "(observe.telemetry's default cadence is 50)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="where the checkpoint section writes its temporary folder "
                              "(default: the system's temporary directory)")
@@ -426,6 +441,83 @@ def measure_save_costs(default_precision: str, args: argparse.Namespace) -> Save
 
 
 # ---------------------------------------------------------------------------------------------
+# Measuring the cost of full telemetry
+
+
+def telemetry_block(trainer: HeloxTrainer, batches: list[Batch], telemetry: Telemetry | None,
+                    sinks, probe: MicroBatch, precision: str, log: MetricsLog) -> float:
+    """Train on `batches` as the loop does, a metrics.jsonl line per step; with `telemetry`,
+    also count every batch's tokens,
+    send every step's scalars to the sinks, and take one sample (with its histograms) at the
+    end, as sampling every len(batches) steps does. Returns the block's tokens/s."""
+    started = time.perf_counter()
+    for index, batch in enumerate(batches, start=1):
+        outcome = trainer.step(batch)
+        log.write({"step": index, "loss": outcome.loss, "grad_norm": outcome.grad_norm})
+        if telemetry is None:
+            continue
+        telemetry.count_tokens(batch[0])
+        sinks.scalars(index, {"loss": outcome.loss, "grad_norm": outcome.grad_norm})
+    if telemetry is not None:
+        dtype = CEILING_DTYPES[precision]
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=precision != "fp32"):
+            sample = telemetry.sample(len(batches), trainer.model, probe)
+        sinks.scalars(len(batches), sample.scalars)
+        for name, histogram in sample.histograms.items():
+            sinks.histogram(len(batches), name, histogram.bin_edges, histogram.counts)
+    return len(batches) * TOKENS_PER_STEP / (time.perf_counter() - started)
+
+
+def measure_telemetry_cost(default_precision: str, args: argparse.Namespace,
+                           ) -> dict[str, list[float]]:
+    """The default training step without telemetry (metrics.jsonl only) and with all of it
+    (token counting every step, a probe sample every --telemetry-steps steps, TensorBoard and
+    Prometheus sinks), in alternating blocks; tokens/s per block."""
+    torch.manual_seed(SEED)
+    trainer = helox_trainer(default_precision, Llama(SHAPE).state_dict(), TRAIN.compile)
+    batches = random_batches(args.telemetry_steps)
+    counts_V = torch.bincount(torch.cat([b[0].flatten() for b in batches]),
+                              minlength=SHAPE.vocab_size).numpy()
+    telemetry = Telemetry(TelemetryConfig(), SHAPE, counts_V)
+    probe = MicroBatch(*random_batches(1)[0])
+    probe = MicroBatch(probe.inputs[:4], probe.targets[:4])
+    for batch in batches[:args.warmup]:
+        trainer.step(batch)  # compiles with train.compile
+    results: dict[str, list[float]] = {"metrics.jsonl only": [], "full telemetry": []}
+    with tempfile.TemporaryDirectory(prefix="helox-bench-telemetry-") as tmp:
+        sinks = open_sinks(SinksConfig(tensorboard=True, prometheus={"port": 0}), Path(tmp),
+                           RUN_INFO)
+        log = MetricsLog(Path(tmp) / "metrics.jsonl")
+        try:
+            for round_index in range(args.rounds):
+                for name in results:
+                    full = name == "full telemetry"
+                    results[name].append(telemetry_block(
+                        trainer, batches, telemetry if full else None, sinks, probe,
+                        default_precision, log))
+                print(f"  round {round_index + 1}/{args.rounds}  "
+                      + ", ".join(f"{n} {v[-1]:,.0f} tokens/s" for n, v in results.items()),
+                      flush=True)
+        finally:
+            sinks.close()
+            log.close()
+    return results
+
+
+def print_telemetry_cost(results: dict[str, list[float]], args: argparse.Namespace) -> None:
+    plain, full = results["metrics.jsonl only"], results["full telemetry"]
+    ratios = [f / p for f, p in zip(full, plain)]
+    print(f"\ntelemetry overhead (default step; blocks of {args.telemetry_steps} steps, one "
+          f"probe sample of 4×{SEQ_LEN} tokens per block, token counting every step, "
+          f"TensorBoard + Prometheus sinks; {args.rounds} rounds alternating)")
+    print(f"  metrics.jsonl only  {statistics.median(plain):,.0f} tokens/s ({spread(plain)})")
+    print(f"  full telemetry      {statistics.median(full):,.0f} tokens/s ({spread(full)})")
+    print(f"  full / plain: {statistics.median(ratios):.3f}× (per round "
+          f"{min(ratios):.3f}–{max(ratios):.3f}; target ≥ 0.95×: "
+          f"{'ok' if statistics.median(ratios) >= 0.95 else 'BELOW TARGET'})")
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting
 
 
@@ -583,6 +675,8 @@ def main() -> None:
             run_throughput(default_precision, args)
         if "checkpoint" in sections:
             print_save_costs(measure_save_costs(default_precision, args), args)
+        if "telemetry" in sections:
+            print_telemetry_cost(measure_telemetry_cost(default_precision, args), args)
     print(f"\nbenchmark time {time.perf_counter() - started:.0f} s")
 
 
