@@ -405,15 +405,24 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder (`step-00000120` → 120)."""
+    return int(path.name.removeprefix(_PREFIX))
+
+
 def load_newest_valid(run_dir: Path, warn: Callable[[str], None],
-                      quarantine: bool = False) -> Restored | None:
-    """Newest checkpoint whose checksums hold (the best one only if it is also the newest);
+                      quarantine: bool = False, before_step: int | None = None,
+                      ) -> Restored | None:
+    """Newest checkpoint whose checksums hold (the best one only if it is also the newest),
+    or with `before_step` the newest valid one of an earlier step (a rollback's target);
     each invalid one is reported through `warn`.
 
     With `quarantine` (the trainer, which owns the folder) an invalid one is renamed
     `corrupt-step-…`: kept for inspection, never counted by keep-last-K (which could otherwise
     delete a good checkpoint and keep a bad one)."""
     for path in list_checkpoints(run_dir):
+        if before_step is not None and step_of(path) >= before_step:
+            continue
         problem = verify_checkpoint(path)
         if problem:
             if quarantine:

@@ -342,7 +342,8 @@ class Trainer:
                           f"stability.rollback.max_rollbacks="
                           f"{self.recovery.config.max_rollbacks})", "rollback-budget")
         self.writer.wait()  # the save in flight may be the target, and it prunes
-        target = checkpoint_before(self.run_dir, streak_start, self.warn)
+        target = ckpt.load_newest_valid(self.run_dir, self.warn, quarantine=True,
+                                        before_step=streak_start)
         if target is None:
             self.stop_run(f"{why} (steps {streak_start}–{step}) and no valid checkpoint "
                           f"before step {streak_start} to roll back to", "rollback-budget")
@@ -415,7 +416,7 @@ class Trainer:
         return path
 
     def stop_for_signal(self, name: str, saved: Path | None, val_loss: float | None) -> Path:
-        if saved is None or checkpoint_step(saved) != self.step:
+        if saved is None or ckpt.step_of(saved) != self.step:
             saved = self.save(val_loss)
         self.event({"step": self.step, "event": "stopped_by_signal", "severity": "info",
                            "runbook": "preemption", "signal": name, "checkpoint": saved.name})
@@ -582,25 +583,6 @@ def model_flops_per_token(model: Llama, seq_len: int) -> int:
     scores and values, 12 × layers × d_model × context (PaLM's appendix B)."""
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return 6 * matmul_params + 12 * model.cfg.num_layers * model.cfg.d_model * seq_len
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step of a checkpoint folder (`step-00000120` → 120)."""
-    return int(path.name.rsplit("-", 1)[1])
-
-
-def checkpoint_before(run_dir: Path, step: int, warn) -> ckpt.Restored | None:
-    """The newest valid checkpoint saved before `step` (the rollback target)."""
-    for path in ckpt.list_checkpoints(run_dir):
-        if checkpoint_step(path) >= step:
-            continue
-        problem = ckpt.verify_checkpoint(path)
-        if problem:
-            warn(f"not rolling back to {path.name}: {problem}")
-            continue
-        state = torch.load(path / "state.pt", weights_only=True)
-        return ckpt.Restored(path=path, step=int(state["step"]), state=state)
-    return None
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
