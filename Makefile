@@ -6,12 +6,12 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: demo test install install-test promtool bench clean
+.PHONY: demo test install install-test promtool chromium bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/helox run recipes/quickstart.yaml
 
-test: $(VENV)/.installed-test $(VENV)/.promtool
+test: $(VENV)/.installed-test $(VENV)/.promtool $(VENV)/.chromium
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python -m pytest
 
@@ -21,6 +21,7 @@ bench: $(VENV)/.installed-test
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 promtool: $(VENV)/.promtool
+chromium: $(VENV)/.chromium
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,14 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml $(CONSTRAINTS)
 $(VENV)/.promtool: $(VENV)/.torch deploy/prometheus/install-promtool.sh
 	sh deploy/prometheus/install-promtool.sh $(BIN) || \
 		echo "promtool not installed: tests/observe/test_prometheus_rules.py will skip"
+	touch $@
+
+# Headless Chromium for the dashboard tests (tests/observe/test_report.py opens `helox report`'s
+# HTML and checks that its charts rendered). Debian's package, installed where apt-get runs as
+# root; elsewhere make test goes on and those tests skip, saying why.
+$(VENV)/.chromium: $(VENV)/.torch scripts/install-chromium.sh
+	sh scripts/install-chromium.sh || \
+		echo "chromium not installed: the HTML rendering tests will skip"
 	touch $@
 
 clean:

@@ -7,7 +7,8 @@ import yaml
 
 from helox.testing.tiny import tiny_raw_config
 
-COMMANDS = [[], ["run"], ["data"], ["data", "prepare"], ["train"], ["generate"]]
+COMMANDS = [[], ["run"], ["data"], ["data", "prepare"], ["train"], ["generate"], ["report"],
+            ["explain"]]
 
 
 def helox(*args, cwd=None):
@@ -57,6 +58,7 @@ def test_run_then_generate_end_to_end(tmp_path):
                      str(run_dir / "checkpoints" / "step-00000006"), "unigram entropy"):
         assert artifact in result.stderr.replace("\n", " ") or artifact in result.stderr
     assert "sample: 'In the'" in result.stderr
+    assert (run_dir / "report.html").stat().st_size > 1_000_000  # the dashboard, plotly inline
     generated = helox("generate", str(run_dir), "--prompt", "In the", "--max-new-tokens", "5",
                       "--temperature", "0")
     assert generated.returncode == 0, generated.stderr

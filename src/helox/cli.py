@@ -286,6 +286,46 @@ def generate(
     print(prompt + text)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (holds metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option(
+        help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write the run's dashboard: one self-contained HTML file (no network to view it).
+
+    Loss and val loss, LR vs loss, grad norm, attention entropy per layer and head, activation
+    histograms, dead units, drift, alerts, the run fingerprint and the dataset lineage.
+
+    Example: helox report workspace/runs/quickstart
+    """
+    from helox.observe.report import write_report
+
+    path = write_report(run_dir, out)
+    console.print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB; open it in a browser)")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder or one checkpoint folder.")],
+    prompt: Annotated[str, typer.Option(help="Text to explain.")],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder to write (default: RUN_DIR/explain/<checkpoint>-<prompt hash>).")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Tokens per cell of the logit lens.")] = 5,
+    ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
+) -> None:
+    """Attention maps per layer and head, and a logit lens (the top tokens each layer's
+    residual stream predicts), as PNG files and one HTML page.
+
+    Example: helox explain workspace/runs/quickstart --prompt "ROMEO. What light"
+    """
+    from helox.observe.explain import explain_run
+
+    folder = explain_run(run_dir, prompt, out, top_k=top_k, ema=ema,
+                         warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
+    console.print(f"explanation: {folder} (open {folder / 'explain.html'})")
+
+
 def main() -> None:
     try:
         app()

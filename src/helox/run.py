@@ -13,6 +13,7 @@ from helox.data.report import summary_line, synthetic_lines
 from helox.data.shards import DatasetVersion
 from helox.model.generate import complete
 from helox.observe.metrics import read_metrics
+from helox.observe.report import write_report
 from helox.train.checkpoint import list_checkpoints, load_trained_model
 from helox.train.loop import TrainResult, train
 
@@ -46,6 +47,7 @@ def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> None:
     if result.stopped_by:  # preempted: checkpointed, and the same command resumes
         return
     samples = sample_texts(result, config)
+    write_report(result.run_dir)
     print_summary(console, config, dataset, result, samples)
 
 
@@ -74,6 +76,7 @@ def print_summary(console: Console, config: RunConfig, dataset: DatasetVersion,
         ("metrics", str(result.run_dir / "metrics.jsonl")),
         ("config", str(result.run_dir / "config.yaml")),
         ("fingerprint", str(result.run_dir / "run.json")),
+        ("dashboard", str(result.run_dir / "report.html")),
     ]
     if val_losses:
         rows.append(("validation loss", f"{val_losses[-1]:.3f} nats/token (unigram entropy "
