@@ -16,6 +16,7 @@ from helox.observe.sinks import prometheus_name
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = RULES_DIR / "helox-alerts.yml"
 RULE_TESTS = RULES_DIR / "helox-alerts.test.yml"
+RUNBOOKS = RULES_DIR.parents[1] / "docs" / "runbooks.md"
 
 
 def promtool() -> str:
@@ -58,3 +59,17 @@ def test_rules_query_the_names_the_sink_exports():
                  "retrieval_precision_at_k")}
     queried = set(re.findall(r"\bhelox_[a-z_]+", RULES.read_text()))
     assert queried and queried <= exported, queried - exported
+
+
+def test_every_runbook_link_names_an_entry_of_docs_runbooks():
+    import helox.observe.health as health
+
+    headings = set(re.findall(r"^## (\S+)$", RUNBOOKS.read_text(), flags=re.M))
+    linked = {rule["annotations"]["runbook"].split("#")[1]
+              for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
+    assert len(linked) == 5 and linked <= headings, linked - headings
+    # A health alert's event names `alert-<monitor>` (Alert.event); the monitors are the names
+    # HealthMonitor._edge is called with.
+    monitors = re.findall(r'self\._edge\("(\w+)"', Path(health.__file__).read_text())
+    entries = {f"alert-{m.replace('_', '-')}" for m in monitors}
+    assert len(entries) == 6 and entries <= headings, entries - headings
