@@ -3,7 +3,6 @@ against the run's own files, and opened in headless Chromium with the network cu
 
 import base64
 import json
-import math
 import re
 
 import numpy as np
@@ -55,11 +54,19 @@ def test_charts_hold_the_runs_own_numbers(engineered_run):
     page = build_report(load_run(engineered_run))
     metrics = read_metrics(engineered_run / "metrics.jsonl")
     steps = [m for m in metrics if "loss" in m and "event" not in m]
-    loss = trace(figure_titled(page, "training and validation loss"), "loss")
-    assert loss["x"] == [m["step"] for m in steps] == list(range(1, 13))
-    for y, m in zip(loss["y"], steps):
-        assert y == pytest.approx(m["loss"]) if math.isfinite(m["loss"]) else y is None
-    assert loss["y"][5] is None  # the NaN step is a gap, not a point
+    loss_fig = figure_titled(page, "training and validation loss")
+    accepted = [m for m in steps if "skipped" not in m]
+    assert [m["step"] for m in steps if "skipped" in m] == [6, 10]  # the NaN and the spike
+    loss = trace(loss_fig, "loss")
+    assert loss["x"] == [m["step"] for m in accepted]
+    assert loss["y"] == pytest.approx([m["loss"] for m in accepted])
+    # The y axis spans the accepted and validation losses; the spike is drawn at its top edge
+    # and the NaN step too, each with its real loss in the hover text.
+    low, high = loss_fig["layout"]["yaxis"]["range"]
+    assert low < min(loss["y"]) and max(loss["y"]) < high < steps[9]["loss"]
+    skipped = trace(loss_fig, "skipped step")
+    assert skipped["x"] == [6, 10] and skipped["y"] == [high, high]
+    assert skipped["text"] == ["loss nan (nonfinite)", f"loss {steps[9]['loss']:.4g} (loss_spike)"]
     val = trace(figure_titled(page, "training and validation loss"), "val_loss")
     assert val["x"] == [4, 8, 12]
 

@@ -165,9 +165,9 @@ def smoothed(values: list[float | None], time_constant_steps: int) -> list[float
     return out
 
 
-def smoothed_loss(rec: RunRecord) -> dict:
+def smoothed_loss(steps_rows: list[dict]) -> dict:
     """x and y of the training loss's moving average, thinned."""
-    steps, values = series(rec.steps, "loss")
+    steps, values = series(steps_rows, "loss")
     steps, values = thin(steps, smoothed(values, SMOOTHING_STEPS))
     return {"x": steps, "y": values}
 
@@ -249,32 +249,53 @@ def summary_section(page: Page, rec: RunRecord) -> None:
 def loss_section(page: Page, rec: RunRecord) -> None:
     import plotly.graph_objects as go
 
-    page.heading("Loss", "Training loss per step (thin line) with its moving average, and the "
-                         "validation loss per domain; dotted lines mark events (see Alerts).")
+    page.heading("Loss", "Training loss of the accepted steps (thin line) with its moving "
+                         "average, and the validation loss per domain. Skipped steps (non-finite, "
+                         "spike, overflow) are red crosses, drawn at the top edge when off the "
+                         "scale; dotted lines mark warnings and critical events (see Alerts).")
+    accepted = [row for row in rec.steps if not row.get("skipped")]
     fig = figure("training and validation loss", "loss (nats/token)")
-    line(fig, rec.steps, "loss", line=dict(width=1, color="rgba(31,119,180,0.35)"))
-    fig.add_trace(go.Scatter(**smoothed_loss(rec), name=f"loss (EMA {SMOOTHING_STEPS} steps)",
+    line(fig, accepted, "loss", line=dict(width=1, color="rgba(31,119,180,0.35)"))
+    fig.add_trace(go.Scatter(**smoothed_loss(accepted), name=f"loss (EMA {SMOOTHING_STEPS} steps)",
                              mode="lines", line=dict(width=2, color="#1f77b4")))
-    _skipped_markers(fig, rec)
     for key in ["val_loss", "val_loss_ema", *sorted(
             {k for row in rec.evals for k in row if k.startswith("val_loss.")})]:
         line(fig, rec.evals, key, mode="lines+markers",
              line=dict(width=3 if key == "val_loss" else 1.5))
+    y_range = _loss_axis_range(accepted, rec.evals)
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
+    _skipped_markers(fig, rec.steps, y_range[1] if y_range else None)
     _event_markers(fig, rec.events)
     page.chart(fig, height_px=440)
 
 
-def _skipped_markers(fig, rec: RunRecord) -> None:
+def _loss_axis_range(accepted: list[dict], evals: list[dict]) -> tuple[float, float] | None:
+    """The range of the accepted training losses and every validation loss, padded 5%."""
+    values = [v for v in series(accepted, "loss")[1] if v is not None]
+    values += [v for row in evals for k, v in row.items()
+               if k.startswith("val_loss") and isinstance(v, float) and math.isfinite(v)]
+    if not values:
+        return None
+    pad = 0.05 * max(max(values) - min(values), 1e-3)
+    return min(values) - pad, max(values) + pad
+
+
+def _skipped_markers(fig, steps: list[dict], top: float | None) -> None:
     import plotly.graph_objects as go
 
-    skipped = [row for row in rec.steps if row.get("skipped")]
+    skipped = [row for row in steps if row.get("skipped")]
     if not skipped:
         return
-    losses = [row["loss"] if math.isfinite(row.get("loss", math.nan)) else None
-              for row in skipped]
-    fig.add_trace(go.Scatter(x=[row["step"] for row in skipped], y=losses, mode="markers",
-                             name="skipped step", marker=dict(symbol="x", size=9, color="#b3261e"),
-                             text=[row["skipped"] for row in skipped]))
+    ys, labels = [], []
+    for row in skipped:
+        loss = row.get("loss", math.nan)
+        on_scale = math.isfinite(loss) and (top is None or loss <= top)
+        ys.append(loss if on_scale else top)
+        labels.append(f"loss {loss:.4g} ({row['skipped']})")
+    fig.add_trace(go.Scatter(x=[row["step"] for row in skipped], y=ys, mode="markers",
+                             name="skipped step", text=labels, hovertemplate="%{text}",
+                             marker=dict(symbol="x", size=9, color="#b3261e")))
 
 
 def _event_markers(fig, events: list[dict]) -> None:
@@ -292,7 +313,8 @@ def optimizer_section(page: Page, rec: RunRecord) -> None:
                               "after clipping with the clipping threshold.")
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     line(fig, rec.steps, "lr", name="learning rate", line=dict(color="#ff7f0e"))
-    fig.add_trace(go.Scatter(**smoothed_loss(rec), name="loss (EMA)", mode="lines",
+    accepted = [row for row in rec.steps if not row.get("skipped")]
+    fig.add_trace(go.Scatter(**smoothed_loss(accepted), name="loss (EMA)", mode="lines",
                              line=dict(color="#1f77b4")), secondary_y=True)
     fig.update_layout(title="learning rate vs loss", hovermode="x unified",
                       legend=dict(orientation="h", y=-0.2))
@@ -467,14 +489,24 @@ def alerts_section(page: Page, rec: RunRecord) -> None:
             fig.add_trace(go.Scatter(
                 x=[e["step"] for e in chosen], y=[_event_name(e) for e in chosen],
                 mode="markers", name=severity, marker=dict(color=colour, size=11),
-                text=[e.get("message", "") for e in chosen],
+                text=[_event_details(e) for e in chosen],
                 hovertemplate="step %{x}: %{y}<br>%{text}<extra></extra>"))
     fig.update_layout(title="alerts timeline", xaxis_title="step", hovermode="closest")
     page.chart(fig, height_px=max(260, 40 * len({_event_name(e) for e in rec.events}) + 140))
-    rows = [[e["step"], _event_name(e), e.get("severity", "info"), e.get("message", ""),
+    rows = [[e["step"], _event_name(e), e.get("severity", "info"), _event_details(e),
              e.get("action", ""), e.get("runbook", "")] for e in rec.events]
-    page.table(["step", "event", "severity", "message", "action", "runbook"], rows, numeric={0},
+    page.table(["step", "event", "severity", "details", "action", "runbook"], rows, numeric={0},
                cell_classes=[f"sev-{e.get('severity', 'info')}" for e in rec.events])
+
+
+EVENT_FRAME = frozenset({"step", "event", "alert", "severity", "runbook", "action", "message"})
+
+
+def _event_details(event: dict) -> str:
+    """The alert's message, or the event's own values (loss, z-score, checkpoint, ...)."""
+    if event.get("message"):
+        return event["message"]
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in event.items() if k not in EVENT_FRAME)
 
 
 def _event_name(event: dict) -> str:
