@@ -310,7 +310,8 @@ def explain(
     run_dir: Annotated[Path, typer.Argument(help="Run folder or one checkpoint folder.")],
     prompt: Annotated[str, typer.Option(help="Text to explain.")],
     out: Annotated[Optional[Path], typer.Option(
-        help="Folder to write (default: RUN_DIR/explain/<checkpoint>-<prompt hash>).")] = None,
+        help="Folder to write (default: RUN_DIR/explain/<checkpoint>-<prompt hash>, "
+             "with -ema for --ema).")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Tokens per cell of the logit lens.")] = 5,
     ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
 ) -> None:
