@@ -192,6 +192,21 @@ def line(fig, rows: list[dict], key: str, name: str | None = None, mode: str = "
     return True
 
 
+def lines_chart(page: Page, rows: list[dict], keys, title: str, y_title: str, *,
+                log_y: bool = False, label=None, mode: str = "lines+markers",
+                height_px: int = 360) -> None:
+    """One chart of the series `keys` (each named `label(key)`, default the key)."""
+    fig = figure(title, y_title, log_y)
+    for key in keys:
+        line(fig, rows, key, name=label(key) if label else None, mode=mode)
+    page.chart(fig, height_px)
+
+
+def layer_of(key: str) -> str:
+    """'dead_neuron_count.layer3' -> 'layer3'."""
+    return key.split(".")[1]
+
+
 def figure(title: str, y_title: str = "", log_y: bool = False):
     import plotly.graph_objects as go
 
@@ -339,17 +354,12 @@ def throughput_section(page: Page, rec: RunRecord) -> None:
     page.heading("Throughput and memory")
 
     def build() -> None:
-        speed = figure("tokens per second", "tokens/s")
-        line(speed, rec.steps, "tokens_per_s")
-        page.chart(speed)
-        if any("mfu" in row for row in rec.steps):
-            mfu = figure("model FLOPs utilisation", "fraction of the measured matmul peak")
-            line(mfu, rec.steps, "mfu")
-            page.chart(mfu)
-        if any("memory_peak_mib" in row for row in rec.steps):
-            memory = figure("peak memory", "MiB")
-            line(memory, rec.steps, "memory_peak_mib")
-            page.chart(memory)
+        for key, title, y_title in (
+                ("tokens_per_s", "tokens per second", "tokens/s"),
+                ("mfu", "model FLOPs utilisation", "fraction of the measured matmul peak"),
+                ("memory_peak_mib", "peak memory", "MiB")):
+            if any(key in row for row in rec.steps):
+                lines_chart(page, rec.steps, [key], title, y_title, mode="lines")
     page.grid(build)
 
 
@@ -383,14 +393,10 @@ def attention_section(page: Page, rec: RunRecord) -> None:
         page.chart(fig, height_px=max(320, 16 * L * H + 120))
 
     def build() -> None:
-        per_layer = figure("mean attention entropy per layer", "nats")
-        for key in layer_keys(rec.telemetry, "attn_entropy"):
-            line(per_layer, rec.telemetry, key, name=key.split(".")[1], mode="lines+markers")
-        page.chart(per_layer)
-        heads = figure("collapsed and dead heads", "heads")
-        for key in ("collapsed_heads", "dead_heads"):
-            line(heads, rec.telemetry, key, mode="lines+markers")
-        page.chart(heads)
+        lines_chart(page, rec.telemetry, layer_keys(rec.telemetry, "attn_entropy"),
+                    "mean attention entropy per layer", "nats", label=layer_of)
+        lines_chart(page, rec.telemetry, ["collapsed_heads", "dead_heads"],
+                    "collapsed and dead heads", "heads")
     page.grid(build)
 
 
@@ -410,7 +416,7 @@ def activation_section(page: Page, rec: RunRecord) -> None:
         for name in names:
             samples = [m for m in rec.maps if name in m.get("histograms", {})]
             colours = sample_colorscale("Viridis", np.linspace(0, 1, len(samples)).tolist())
-            fig = figure(f"{name.split('.')[1]}: histogram of token norms", "tokens")
+            fig = figure(f"{layer_of(name)}: histogram of token norms", "tokens")
             for colour, sample in zip(colours, samples):
                 edges = np.array(sample["histograms"][name]["bin_edges"])
                 centres = ((edges[:-1] + edges[1:]) / 2).tolist()
@@ -421,9 +427,9 @@ def activation_section(page: Page, rec: RunRecord) -> None:
             page.chart(fig, height_px=320)
         norms = figure("activation norm per layer", "L2 norm")
         for key in layer_keys(rec.telemetry, "act_norm_mean"):
-            line(norms, rec.telemetry, key, name=f"mean {key.split('.')[1]}", mode="lines+markers")
+            line(norms, rec.telemetry, key, name=f"mean {layer_of(key)}", mode="lines+markers")
         for key in layer_keys(rec.telemetry, "act_norm_max"):
-            line(norms, rec.telemetry, key, name=f"max {key.split('.')[1]}",
+            line(norms, rec.telemetry, key, name=f"max {layer_of(key)}",
                  mode="lines+markers", line=dict(dash="dot"))
         page.chart(norms, height_px=320)
     page.grid(build)
@@ -436,13 +442,10 @@ def dead_units_section(page: Page, rec: RunRecord) -> None:
         return
 
     def build() -> None:
-        counts = figure("dead neurons per layer", "units")
-        for key in layer_keys(rec.telemetry, "dead_neuron_count"):
-            line(counts, rec.telemetry, key, name=key.split(".")[1], mode="lines+markers")
-        page.chart(counts)
-        fraction = figure("dead neurons, all layers", "fraction of units")
-        line(fraction, rec.telemetry, "dead_neurons", mode="lines+markers")
-        page.chart(fraction)
+        lines_chart(page, rec.telemetry, layer_keys(rec.telemetry, "dead_neuron_count"),
+                    "dead neurons per layer", "units", label=layer_of)
+        lines_chart(page, rec.telemetry, ["dead_neurons"], "dead neurons, all layers",
+                    "fraction of units")
     page.grid(build)
 
 
@@ -459,17 +462,13 @@ def drift_section(page: Page, rec: RunRecord) -> None:
         line(drift, rec.telemetry, "token_drift_js", mode="lines+markers")
         line(drift, rec.telemetry, "token_drift_js_floor", line=dict(dash="dash"))
         page.chart(drift)
-        rare = figure("rare-token mass / data share", "ratio")
-        line(rare, rec.telemetry, "rare_token_mass_ratio", mode="lines+markers")
-        page.chart(rare)
-        losses = figure("probe per-token loss percentiles", "nats")
-        for key in ("loss_p10", "loss_p50", "loss_p90", "loss_p99"):
-            line(losses, rec.telemetry, key, mode="lines+markers")
-        page.chart(losses)
-        ppl = figure("probe perplexity per domain", "perplexity", log_y=True)
-        for key in ["ppl", *sorted({k for r in rec.telemetry for k in r if k.startswith("ppl.")})]:
-            line(ppl, rec.telemetry, key, mode="lines+markers")
-        page.chart(ppl)
+        lines_chart(page, rec.telemetry, ["rare_token_mass_ratio"],
+                    "rare-token mass / data share", "ratio")
+        lines_chart(page, rec.telemetry, ["loss_p10", "loss_p50", "loss_p90", "loss_p99"],
+                    "probe per-token loss percentiles", "nats")
+        domains = sorted({k for row in rec.telemetry for k in row if k.startswith("ppl.")})
+        lines_chart(page, rec.telemetry, ["ppl", *domains], "probe perplexity per domain",
+                    "perplexity", log_y=True)
     page.grid(build)
 
 
