@@ -8,7 +8,7 @@ import yaml
 from helox.testing.tiny import tiny_raw_config
 
 COMMANDS = [[], ["run"], ["data"], ["data", "prepare"], ["train"], ["generate"], ["report"],
-            ["explain"]]
+            ["explain"], ["eval"]]
 
 
 def helox(*args, cwd=None):

@@ -327,6 +327,38 @@ def explain(
     console.print(f"explanation: {folder} (open {folder / 'explain.html'})")
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder, or Hugging Face "
+                                               "model folder.")],
+    suite: Annotated[str, typer.Option(help="Suite name (a folder of evals/) or a suite.yaml "
+                                            "path.")] = "quickstart",
+    baseline: Annotated[Optional[str], typer.Option(
+        help="Compare with this version's results (a version under RUN_DIR/evals/SUITE/, a "
+             "unique prefix, or a results folder); a regression exits 1.")] = None,
+    ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Keep results under OUT/evals/ (default: the run or model folder).")] = None,
+) -> None:
+    """Score a model on an eval suite; exit 1 when a threshold fails or a metric regressed.
+
+    Items found in the model's training data are listed and scored apart. Results (per item
+    and per metric, with 95% bootstrap intervals) go to RUN_DIR/evals/SUITE/VERSION/.
+
+    Example: helox eval workspace/runs/quickstart --suite quickstart --baseline step-00000280
+    """
+    from helox.eval.report import print_outcome
+    from helox.eval.runner import evaluate
+
+    outcome = evaluate(model, suite, baseline, ema=ema, batch_size=batch_size, out=out,
+                       console=console,
+                       warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
+    print_outcome(console, outcome)
+    if not outcome.passed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()
