@@ -456,6 +456,20 @@ class ObserveConfig(StrictModel):
     precision at start (~0.1 s), as bench/train_throughput.py does."""
 
 
+class EvaluationConfig(StrictModel):
+    """The eval harness run from the training loop (helox.eval); `helox eval` runs it on a
+    finished model."""
+
+    suite: str | None = None
+    """Suite name (a folder of evals/) or a suite.yaml path; None runs none during training."""
+    every_steps: int = Field(default=0, ge=0)
+    """Run it every this many steps and at the last step; 0 never."""
+    tasks: list[str] = []
+    """Only these tasks of the suite (a fast subset); empty runs them all."""
+    batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward of the harness."""
+
+
 class RunConfig(StrictModel):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9._-]+$")
     """Run name; the default run folder is <workspace>/runs/<name>."""
@@ -484,6 +498,8 @@ class RunConfig(StrictModel):
     """Loss-spike detection and rollback."""
     observe: ObserveConfig = ObserveConfig()
     """What the run reports about itself: sampled telemetry, health monitors, sinks, MFU."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """The eval suite run during training (its gates are `helox eval`'s)."""
     faults: FaultConfig = FaultConfig()
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()

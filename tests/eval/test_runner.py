@@ -311,3 +311,29 @@ def test_a_barely_trained_model_fails_the_quickstart_suite(trained_run):
     assert len(failed) == 2, failed
     assert failed[0].startswith("domain_choice.accuracy") and failed[1].startswith(
         "domain_perplexity.ppl")
+
+
+def test_the_suite_runs_in_the_loop_with_the_numbers_helox_eval_gives(tiny_dataset, workspace,
+                                                                      tmp_path):
+    from helox.eval.lm import load_language_model
+    from helox.eval.runner import dataset_of
+    from helox.observe.metrics import read_metrics
+
+    run_dir = tmp_path / "run"
+    config = tiny_config(workspace, ["train.max_steps=8", "checkpoint.every_steps=4",
+                                     "evaluation.suite=quickstart", "evaluation.every_steps=4",
+                                     "evaluation.tasks=[domain_perplexity]"])
+    train(config, run_dir, tiny_dataset, console=Console(quiet=True))
+    lines = [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "eval"]
+    assert [m["step"] for m in lines] == [4, 8]
+    assert not any(key.startswith("eval.domain_choice") for key in lines[0])  # the subset
+    checkpoint = run_dir / "checkpoints" / "step-00000008"
+    offline = run_suite(load_language_model(checkpoint), load_suite("quickstart"),
+                        dataset_of(checkpoint))
+    ppl = next(t for t in offline.tasks if t.name == "domain_perplexity").metrics
+    for metric, estimate in ppl.items():
+        assert lines[1][f"eval.domain_perplexity.{metric}"] == pytest.approx(estimate.value,
+                                                                             rel=1e-5)
+    events = read_metrics(run_dir / "events.jsonl")
+    assert [e["event"] for e in events] == ["eval_gate_failed"] * 2
+    assert events[0]["runbook"] == "eval-gate" and "domain_perplexity.ppl" in events[0]["message"]

@@ -26,10 +26,13 @@ from helox.eval.suite import (GoldenTask, LoadedSuite, PerplexityTask, RecallTas
 
 
 def run_suite(lm: LanguageModel, loaded: LoadedSuite, dataset: DatasetVersion | None,
-              progress: Progress | None = None) -> SuiteResult:
-    """Prepare every task's items, check them against the training data, score, aggregate."""
-    prepared = {task.name: _prepare(lm, task, loaded, dataset) for task in loaded.suite.tasks}
-    contamination = _check_contamination(lm, loaded, dataset, prepared, progress)
+              progress: Progress | None = None, contamination: dict | None = None
+              ) -> SuiteResult:
+    """Prepare every task's items, check them against the training data (unless a check of
+    the same suite and dataset is passed in), score, aggregate."""
+    prepared = prepare_tasks(lm, loaded, dataset)
+    if contamination is None:
+        contamination = check_contamination(lm, loaded, dataset, prepared, progress)
     rows_by_task, results = {}, []
     for task in loaded.suite.tasks:
         advance = _progress_task(progress, task.name, len(prepared[task.name]))
@@ -41,6 +44,11 @@ def run_suite(lm: LanguageModel, loaded: LoadedSuite, dataset: DatasetVersion | 
     summary = {k: v for k, v in contamination.items() if k != "flagged"}
     return SuiteResult(loaded.name, loaded.sha256, lm.version, lm.source, results,
                        [r for rows in rows_by_task.values() for r in rows], summary)
+
+
+def prepare_tasks(lm: LanguageModel, loaded: LoadedSuite, dataset: DatasetVersion | None
+                  ) -> dict[str, list]:
+    return {task.name: _prepare(lm, task, loaded, dataset) for task in loaded.suite.tasks}
 
 
 def _prepare(lm: LanguageModel, task, loaded: LoadedSuite, dataset: DatasetVersion | None):
@@ -80,8 +88,10 @@ def _item_texts(lm: LanguageModel, task, prepared) -> dict[tuple[str, str], str]
     return {}
 
 
-def _check_contamination(lm: LanguageModel, loaded: LoadedSuite, dataset, prepared,
-                         progress: Progress | None) -> dict:
+def check_contamination(lm: LanguageModel, loaded: LoadedSuite, dataset, prepared,
+                        progress: Progress | None = None) -> dict:
+    """Which items of the suite the dataset's training documents contain ("flagged": a set of
+    (task, item id)), with a summary for the results file."""
     texts = {}
     for task in loaded.suite.tasks:
         texts.update(_item_texts(lm, task, prepared[task.name]))

@@ -193,6 +193,21 @@ class LoadedSuite:
         return self.suite.name
 
 
+def subset(loaded: LoadedSuite, task_names: list[str]) -> LoadedSuite:
+    """The suite with only the named tasks (all when the list is empty)."""
+    if not task_names:
+        return loaded
+    known = [t.name for t in loaded.suite.tasks]
+    unknown = [n for n in task_names if n not in known]
+    if unknown:
+        raise HeloxError(f"suite {loaded.name} has no task {', '.join(unknown)}",
+                         hint=f"its tasks: {', '.join(known)}")
+    tasks = [t for t in loaded.suite.tasks if t.name in task_names]
+    return LoadedSuite(loaded.suite.model_copy(update={"tasks": tasks}), loaded.path,
+                       {n: items for n, items in loaded.items.items() if n in task_names},
+                       loaded.sha256)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 

@@ -127,6 +127,8 @@ class Trainer:
         self.recovery = Recovery(config.stability.rollback)
         self.health = HealthMonitor(config.observe.health)
         self.telemetry, self.probe = self.build_telemetry()
+        self.suite = self.build_suite()
+        self.suite_contamination: dict | None = None
         self.rollback_request: tuple[int, str] | None = None
         """(first bad step, why) when a streak of bad steps or a divergence calls for one."""
         self.flops_per_token = model_flops_per_token(self.model, config.train.seq_len)
@@ -160,6 +162,16 @@ class Trainer:
             return None, None
         telemetry = Telemetry(cfg, self.config.model, unigram_counts(self.dataset))
         return telemetry, probe_batches(self.dataset, cfg, tc.seq_len, tc.document_masking)
+
+    def build_suite(self):
+        """The eval suite run every evaluation.every_steps (loaded now: a bad file fails
+        before training starts), or None."""
+        cfg = self.config.evaluation
+        if cfg.suite is None or not cfg.every_steps:
+            return None
+        from helox.eval.suite import load_suite, subset
+
+        return subset(load_suite(cfg.suite), cfg.tasks)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -196,6 +208,7 @@ class Trainer:
                 loss = outcome.loss
                 step_val_loss = self.evaluate_if_due()
                 self.sample_telemetry_if_due()
+                self.run_suite_if_due()
                 val_loss = step_val_loss if step_val_loss is not None else val_loss
                 self.rebalance_if_due()
                 if self.rollback_request is not None:
@@ -318,6 +331,47 @@ class Trainer:
             "histograms": {name: {"bin_edges": h.bin_edges.tolist(), "counts": h.counts.tolist()}
                            for name, h in sample.histograms.items()}})
         self.raise_alerts(self.health.on_sample(self.step, sample.scalars))
+
+    def run_suite_if_due(self) -> None:
+        """The eval suite on the current weights (evaluation.*): every metric to metrics.jsonl
+        and the sinks ("event": "eval"), a failed threshold to events.jsonl. Items found in
+        the training data are looked up once per run."""
+        cfg = self.config.evaluation
+        if self.suite is None or (self.step % cfg.every_steps
+                                  and self.step != self.config.train.max_steps):
+            return
+        from helox.eval.runner import check_contamination, prepare_tasks, run_suite
+
+        lm = self.language_model(cfg.batch_size)
+        modes = {module: module.training for module in self.model.modules()}
+        self.model.eval()
+        try:
+            if self.suite_contamination is None:
+                self.suite_contamination = check_contamination(
+                    lm, self.suite, self.dataset, prepare_tasks(lm, self.suite, self.dataset))
+            result = run_suite(lm, self.suite, self.dataset,
+                               contamination=self.suite_contamination)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        self.log({"step": self.step, "event": "eval", "eval_failures": len(result.failures()),
+                  **{f"eval.{task.name}.{metric}": estimate.value
+                     for task in result.tasks for metric, estimate in task.metrics.items()}})
+        if result.failures():
+            self.event({"step": self.step, "event": "eval_gate_failed", "severity": "warning",
+                        "runbook": "eval-gate", "suite": result.suite,
+                        "message": "; ".join(result.failures()),
+                        "action": "none (the run goes on; `helox eval` gates promotion)"})
+
+    def language_model(self, batch_size: int):
+        """The live model (no copy) behind the eval harness's interface."""
+        from helox.data.tokenizer import load_tokenizer
+        from helox.eval.lm import LanguageModel, helox_forward
+
+        return LanguageModel(helox_forward(self.model), load_tokenizer(
+            self.dataset.tokenizer_path), self.dataset.eos_id, self.config.model.max_seq_len,
+            self.config.model.vocab_size, f"step-{self.step:08d}", str(self.run_dir),
+            self.device, batch_size)
 
     def rebalance_if_due(self) -> None:
         if not self.loader.rebalance_due(self.step):
