@@ -340,6 +340,11 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
     out: Annotated[Optional[Path], typer.Option(
         help="Keep results under OUT/evals/ (default: the run or model folder).")] = None,
+    lm_eval: Annotated[Optional[str], typer.Option(
+        "--lm-eval", help="Run these lm-evaluation-harness tasks instead (comma-separated; "
+                          "local ones in evals/lm_eval/, e.g. helox_local).")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, help="--lm-eval: items per task at most.")] = None,
 ) -> None:
     """Score a model on an eval suite; exit 1 when a threshold fails or a metric regressed.
 
@@ -351,12 +356,37 @@ def eval_cmd(
     from helox.eval.report import print_outcome
     from helox.eval.runner import evaluate
 
+    if lm_eval is not None:
+        _run_lm_eval(model, [t for t in lm_eval.split(",") if t], limit, batch_size, ema, out)
+        return
+
     outcome = evaluate(model, suite, baseline, ema=ema, batch_size=batch_size, out=out,
                        console=console,
                        warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
     print_outcome(console, outcome)
     if not outcome.passed:
         raise typer.Exit(1)
+
+
+def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: int,
+                 ema: bool, out: Path | None) -> None:
+    from rich.table import Table
+
+    from helox.eval.lm import load_language_model
+    from helox.eval.lm_eval_adapter import lm_eval_rows, run_lm_eval, write_lm_eval_results
+    from helox.eval.runner import results_root
+
+    lm = load_language_model(model, ema=ema, batch_size=batch_size,
+                             warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
+    results = run_lm_eval(lm, tasks, limit=limit, batch_size=batch_size)
+    table = Table(title=f"lm-eval · model {lm.version}", title_justify="left")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column, justify="right" if column in ("value", "stderr") else "left")
+    for task, metric, value, stderr in lm_eval_rows(results):
+        table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}")
+    console.print(table)
+    folder = write_lm_eval_results(results, out or results_root(Path(lm.source)), lm.version)
+    console.print(f"results: {folder / 'results.json'}")
 
 
 def main() -> None:
