@@ -22,7 +22,9 @@ from helox.train.loop import train
 ENGINEERED = ["train.max_steps=12", "train.eval_every_steps=4", "checkpoint.every_steps=6",
               "observe.telemetry.sample_every_steps=2",
               "stability.spike={window_steps: 8, min_history: 4}",
-              "faults.nan_loss_at_steps=[6]", "faults.spike_at_steps=[10]"]
+              "faults.nan_loss_at_steps=[6]", "faults.spike_at_steps=[10]",
+              "evaluation.suite=quickstart", "evaluation.every_steps=4",
+              "evaluation.tasks=[domain_perplexity]"]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,19 @@ def test_charts_hold_the_runs_own_numbers(engineered_run):
     assert drift["y"] == pytest.approx([m["token_drift_js"] for m in telemetry])
     assert trace(figure_titled(page, "dead neurons per layer"), "layer0")["x"] == [2, 4, 6, 8,
                                                                                    10, 12]
+
+
+def test_the_suite_run_in_training_and_helox_eval_results_are_on_the_page(engineered_run):
+    from helox.eval.runner import evaluate
+
+    outcome = evaluate(engineered_run, "quickstart")
+    page = build_report(load_run(engineered_run))
+    evals = [m for m in read_metrics(engineered_run / "metrics.jsonl") if m.get("event") == "eval"]
+    ppl = trace(figure_titled(page, "suite perplexities"), "domain_perplexity.ppl")
+    assert ppl["x"] == [4, 8, 12]
+    assert ppl["y"] == pytest.approx([m["eval.domain_perplexity.ppl"] for m in evals])
+    html = page.render()
+    assert outcome.result.model_version in html and "<td>domain_choice</td>" in html
 
 
 def test_alerts_fingerprint_and_lineage_are_on_the_page(engineered_run):

@@ -40,6 +40,10 @@ class RunRecord:
     evals: list[dict] = field(default_factory=list)
     telemetry: list[dict] = field(default_factory=list)
     """Telemetry scalars per sample (metrics.jsonl "event": "telemetry")."""
+    suite_evals: list[dict] = field(default_factory=list)
+    """The eval suite run during training (metrics.jsonl "event": "eval")."""
+    suite_results: list[dict] = field(default_factory=list)
+    """results.json of every `helox eval` of this run (RUN_DIR/evals/SUITE/VERSION/)."""
     maps: list[dict] = field(default_factory=list)
     """telemetry.jsonl: attention-entropy maps and histograms per sample."""
     events: list[dict] = field(default_factory=list)
@@ -75,11 +79,16 @@ def load_run(run_dir: Path) -> RunRecord:
     for row in read_jsonl(metrics_path):
         if row.get("event") == "telemetry":
             record.telemetry.append(row)
+        elif row.get("event") == "eval":
+            record.suite_evals.append(row)
         elif "val_loss" in row:
             record.evals.append(row)
         elif "loss" in row and "event" not in row:
             record.steps.append(row)
     record.maps = read_jsonl(run_dir / "telemetry.jsonl")
+    record.suite_results = [json.loads(p.read_text()) for p in
+                            sorted(run_dir.glob("evals/*/*/results.json"))
+                            if p.parent.parent.name != "lm-eval"]
     record.events = read_jsonl(run_dir / "events.jsonl")
     if (run_dir / "run.json").is_file():
         record.run_info = json.loads((run_dir / "run.json").read_text())
@@ -113,6 +122,7 @@ def build_report(record: RunRecord) -> Page:
     page = Page(f"Helox run {record.name}")
     for section in (summary_section, loss_section, optimizer_section, throughput_section,
                     attention_section, activation_section, dead_units_section, drift_section,
+                    evaluation_section,
                     alerts_section, fingerprint_section, lineage_section):
         section(page, record)
     return page
@@ -470,6 +480,40 @@ def drift_section(page: Page, rec: RunRecord) -> None:
         lines_chart(page, rec.telemetry, ["ppl", *domains], "probe perplexity per domain",
                     "perplexity", log_y=True)
     page.grid(build)
+
+
+def evaluation_section(page: Page, rec: RunRecord) -> None:
+    page.heading("Evaluation", "The eval suite run during training (evaluation.suite), and "
+                 "every `helox eval` of this run's checkpoints with its gate.")
+    if not rec.suite_evals and not rec.suite_results:
+        page.note("No evaluation: neither evaluation.suite during training nor `helox eval` "
+                  "on this run.")
+        return
+    if rec.suite_evals:
+        keys = sorted({k for row in rec.suite_evals for k in row if k.startswith("eval.")})
+        accuracy = [k for k in keys if ".accuracy" in k and not k.endswith(".contaminated")]
+        ppl = [k for k in keys if ".ppl" in k and not k.endswith(".contaminated")]
+
+        def build() -> None:
+            if accuracy:
+                lines_chart(page, rec.suite_evals, accuracy, "suite accuracies", "accuracy",
+                            label=lambda k: k.removeprefix("eval."))
+            if ppl:
+                lines_chart(page, rec.suite_evals, ppl, "suite perplexities", "perplexity",
+                            log_y=True, label=lambda k: k.removeprefix("eval."))
+        page.grid(build)
+    rows = []
+    for result in rec.suite_results:
+        for task, info in result["tasks"].items():
+            for metric, est in info["metrics"].items():
+                bound = info["thresholds"].get(metric)
+                gate = "" if bound is None else ("pass" if bound["passed"] else "FAIL")
+                rows.append([result["suite"], result["model"]["version"], task, metric,
+                             _fmt(est["value"]), f"[{_fmt(est['ci_low'])}, "
+                             f"{_fmt(est['ci_high'])}]", est["n"], gate])
+    if rows:
+        page.table(["suite", "version", "task", "metric", "value", "95% interval", "n", "gate"],
+                   rows, numeric={4, 6})
 
 
 def alerts_section(page: Page, rec: RunRecord) -> None:
