@@ -345,6 +345,16 @@ def eval_cmd(
                           "local ones in evals/lm_eval/, e.g. helox_local).")] = None,
     limit: Annotated[Optional[int], typer.Option(
         min=1, help="--lm-eval: items per task at most.")] = None,
+    privacy: Annotated[bool, typer.Option(
+        "--privacy", help="Run membership-inference attacks instead (loss, min-k%, zlib): "
+                          "ROC AUC of training documents against held-out ones.")] = False,
+    privacy_documents: Annotated[int, typer.Option(
+        min=2, help="--privacy: documents drawn from each split.")] = 200,
+    privacy_max_tokens: Annotated[int, typer.Option(
+        min=2, help="--privacy: tokens scored per document (its start).")] = 128,
+    dataset: Annotated[Optional[Path], typer.Option(
+        help="--privacy: the dataset version folder (for a Hugging Face model).")] = None,
+    seed: Annotated[int, typer.Option(help="--privacy: sampling and bootstrap seed.")] = 0,
 ) -> None:
     """Score a model on an eval suite; exit 1 when a threshold fails or a metric regressed.
 
@@ -359,6 +369,10 @@ def eval_cmd(
     if lm_eval is not None:
         _run_lm_eval(model, [t for t in lm_eval.split(",") if t], limit, batch_size, ema, out)
         return
+    if privacy:
+        _run_privacy(model, privacy_documents, privacy_max_tokens, dataset, seed, ema,
+                     batch_size, out)
+        return
 
     outcome = evaluate(model, suite, baseline, ema=ema, batch_size=batch_size, out=out,
                        console=console,
@@ -366,6 +380,23 @@ def eval_cmd(
     print_outcome(console, outcome)
     if not outcome.passed:
         raise typer.Exit(1)
+
+
+def _run_privacy(model: Path, documents: int, max_tokens: int, dataset: Path | None, seed: int,
+                 ema: bool, batch_size: int, out: Path | None) -> None:
+    import json
+
+    from helox.eval.privacy import privacy_table, run_privacy
+    from helox.eval.runner import results_root
+
+    report = run_privacy(model, num_documents=documents, max_tokens=max_tokens, seed=seed,
+                         dataset=dataset, ema=ema, batch_size=batch_size,
+                         warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
+    console.print(privacy_table(report))
+    folder = (out or results_root(Path(report.source))) / "evals" / "privacy" / report.model
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "privacy.json").write_text(json.dumps(report.as_dict(), indent=1, allow_nan=True))
+    console.print(f"results: {folder / 'privacy.json'}")
 
 
 def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: int,
