@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,20 @@ class DatasetVersion:
         """Shard files of `split` (of one domain, if given), in file-name order."""
         return [self.path / shard["file"] for shard in self.split(split)["shards"]
                 if domain is None or shard["domain"] == domain]
+
+    def documents(self, split: str, domain: str | None = None) -> Iterator[np.ndarray]:
+        """Token ids of each non-empty document of `split` (of one domain), without its EOS."""
+        for path in self.shard_paths(split, domain):
+            yield from self.shard_documents(path)
+
+    def shard_documents(self, path: Path) -> Iterator[np.ndarray]:
+        """The documents of one shard file: the runs of tokens between EOS tokens."""
+        tokens = np.fromfile(path, dtype=self.dtype)
+        ends = np.flatnonzero(tokens == self.eos_id)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        for start, end in zip(starts, ends):
+            if end > start:
+                yield tokens[start:end]
 
     def verify(self) -> list[str]:
         """Re-checksum the tokenizer and every shard; return the names of files that differ."""

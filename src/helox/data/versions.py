@@ -50,6 +50,27 @@ def all_versions(root: Path) -> list[DatasetVersion]:
     return sorted(found, key=lambda d: d.lineage.get("created_at", ""), reverse=True)
 
 
+def run_dataset_candidates(run_dir: Path | None, run_info: dict) -> list[Path]:
+    """Where the dataset version a run trained on may be (run.json's fields): where the run
+    found it, then beside the run's workspace (WORKSPACE/runs/NAME -> WORKSPACE/datasets/V)."""
+    candidates = [Path(run_info["dataset_path"])] if run_info.get("dataset_path") else []
+    version = run_info.get("dataset_version")
+    if version and run_dir is not None and len(Path(run_dir).resolve().parents) > 1:
+        candidates.append(datasets_root(Path(run_dir).resolve().parents[1]) / version)
+    return candidates
+
+
+def run_dataset(run_dir: Path | None, run_info: dict) -> DatasetVersion | None:
+    """The dataset version a run trained on, if it is still in the workspace (its id must be
+    run.json's `dataset_version`), else None."""
+    for candidate in run_dataset_candidates(run_dir, run_info):
+        if (candidate / "manifest.json").is_file():
+            found = DatasetVersion(candidate)
+            if found.version == run_info.get("dataset_version"):
+                return found
+    return None
+
+
 def resolve(root: Path, version: str) -> DatasetVersion:
     """Find a version by its id or a unique prefix of it."""
     matches = [p for p in root.glob(f"{version}*") if (p / "manifest.json").is_file()] \

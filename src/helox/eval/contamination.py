@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 
 from helox.data.contamination import WORD, word_ngrams
 from helox.data.shards import DatasetVersion
@@ -52,12 +51,9 @@ def contaminated_items(texts: dict[str, str], dataset: DatasetVersion, tokenizer
 
 def training_texts(dataset: DatasetVersion, tokenizer, advance: Callable[[int], None]):
     """Every training document's text, shard by shard."""
-    eos = dataset.eos_id
     for shard in dataset.shard_paths("train"):
-        tokens = np.fromfile(shard, dtype=dataset.dtype)
-        ends = np.flatnonzero(tokens == eos)
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        for start, end in zip(starts, ends):
-            if end > start:
-                yield tokenizer.decode(tokens[start:end].tolist())
-        advance(len(tokens))
+        num_tokens = 0
+        for document in dataset.shard_documents(shard):
+            num_tokens += len(document) + 1  # and its EOS
+            yield tokenizer.decode(document.tolist())
+        advance(num_tokens)

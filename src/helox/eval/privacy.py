@@ -368,15 +368,13 @@ def _open_dataset(override: Path | None, run_info: dict, checkpoint: Path) -> Da
         raise HeloxError(f"{checkpoint}: no run.json names the dataset the model was trained "
                          "on (a Hugging Face folder?)",
                          hint="pass the training dataset's folder (WORKSPACE/datasets/VERSION)")
-    candidates = [Path(run_info["dataset_path"])] if run_info.get("dataset_path") else []
+    from helox.data.versions import run_dataset, run_dataset_candidates
+
     run_dir = _run_dir(checkpoint)
-    if run_dir is not None and len(run_dir.resolve().parents) > 1:
-        candidates.append(run_dir.resolve().parents[1] / "datasets" / version)
-    for candidate in candidates:
-        if (candidate / "manifest.json").is_file():
-            found = DatasetVersion(candidate)
-            if found.version == version:
-                return found
+    found = run_dataset(run_dir, run_info)
+    if found is not None:
+        return found
+    candidates = run_dataset_candidates(run_dir, run_info)
     looked = ", ".join(str(c) for c in candidates) or "nowhere"
     raise HeloxError(f"dataset version {version}, which the model was trained on, is not in "
                      f"the workspace (looked in {looked})",

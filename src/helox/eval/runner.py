@@ -175,11 +175,9 @@ def dataset_of(source: Path) -> DatasetVersion | None:
     run_json = source / "run.json"
     if not run_json.is_file():
         return None
-    from helox.observe.report import _find_dataset
+    from helox.data.versions import run_dataset
 
-    info = json.loads(run_json.read_text())
-    found = _find_dataset(results_root(source), info)
-    return DatasetVersion(found) if found is not None else None
+    return run_dataset(results_root(source), json.loads(run_json.read_text()))
 
 
 def resolve_baseline(root: Path, suite: str, baseline: str) -> Path:

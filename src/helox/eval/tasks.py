@@ -178,18 +178,8 @@ def validation_documents(dataset, eos_id: int, max_documents: int) -> list[tuple
                               "source: validation")
     documents = []
     for domain in dataset.domains("val"):
-        found = 0
-        for shard in dataset.shard_paths("val", domain):
-            tokens = np.fromfile(shard, dtype=dataset.dtype)
-            ends = np.flatnonzero(tokens == eos_id)
-            starts = np.concatenate([[0], ends[:-1] + 1])
-            for start, end in zip(starts, ends):
-                if found == max_documents:
-                    break
-                if end > start:
-                    ids = [eos_id, *tokens[start:end].tolist()]
-                    documents.append((f"{domain}/{found}", domain, ids, None))
-                    found += 1
+        for i, tokens in zip(range(max_documents), dataset.documents("val", domain)):
+            documents.append((f"{domain}/{i}", domain, [eos_id, *tokens.tolist()], None))
     return documents
 
 

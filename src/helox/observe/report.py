@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helox.data.versions import run_dataset
 from helox.errors import HeloxError
 from helox.observe.html import Page
 
@@ -94,17 +95,9 @@ def load_run(run_dir: Path) -> RunRecord:
         record.run_info = json.loads((run_dir / "run.json").read_text())
     if (run_dir / "config.yaml").is_file():
         record.config_text = (run_dir / "config.yaml").read_text()
-    record.dataset_path = _find_dataset(run_dir, record.run_info)
+    dataset = run_dataset(run_dir, record.run_info)
+    record.dataset_path = dataset.path if dataset is not None else None
     return record
-
-
-def _find_dataset(run_dir: Path, run_info: dict) -> Path | None:
-    """The dataset version's folder: where the run found it, or beside the run's workspace."""
-    version = run_info.get("dataset_version")
-    candidates = [Path(run_info["dataset_path"])] if run_info.get("dataset_path") else []
-    if version:
-        candidates.append(run_dir.resolve().parents[1] / "datasets" / version)
-    return next((p for p in candidates if (p / "manifest.json").is_file()), None)
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
