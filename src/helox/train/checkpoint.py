@@ -506,10 +506,13 @@ def load_optimizer_partial(path: Path, optimizer: torch.optim.Optimizer,
     its shape is unchanged; the others keep fresh state (their step counts from 0). Group
     hyperparameters stay those of `optimizer` (the new run's config)."""
     saved = torch.load(path / OPTIMIZER, weights_only=True)
+    names = param_names(optimizer, model)
+    if not saved.get("param_groups"):  # an imported model: weights without optimizer state
+        return PartialRestore(fresh={name: "the checkpoint has no optimizer state"
+                                     for group_names in names for name in group_names})
     saved_index = _saved_param_index(path, saved, optimizer)
     saved_shapes = _saved_shapes(path)
     current = optimizer.state_dict()
-    names = param_names(optimizer, model)
     params = dict(model.named_parameters())
     report = PartialRestore()
     flat_index = 0

@@ -1,0 +1,84 @@
+"""`helox export`: one checkpoint → an artifact of one format, with the training metadata
+embedded and a signed manifest beside it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from helox.errors import HeloxError
+from helox.export.manifest import signing_key, write_manifest
+from helox.export.provenance import training_metadata
+from helox.export.source import ExportSource, load_export_source
+
+EXPORT_FORMATS = ("hf", "onnx")
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+
+
+@dataclass
+class Exported:
+    format: str
+    artifact: Path
+    manifest: Path
+    metadata: dict[str, str]
+    seconds: float
+    details: dict
+
+
+def default_out(source: ExportSource, fmt: str, gguf_type: str) -> Path:
+    """RUN_DIR/exports/<checkpoint>[-ema]/{hf/, model.onnx, model-<type>.gguf}."""
+    run_dir = source.checkpoint.parent.parent
+    folder = run_dir / "exports" / (source.checkpoint.name + ("-ema" if source.ema else ""))
+    return folder / {"hf": "hf", "onnx": "model.onnx",
+                     "gguf": f"model-{gguf_type.lower()}.gguf"}[fmt]
+
+
+def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str = "F16",
+                 ema: bool = False, overwrite: bool = False, key: Path | None = None,
+                 announce: Callable[[str], None] = lambda message: None,
+                 source: ExportSource | None = None) -> Exported:
+    if fmt not in EXPORT_FORMATS:
+        raise HeloxError(f"unknown export format '{fmt}'",
+                         hint=f"choose one of {', '.join(EXPORT_FORMATS)}")
+    gguf_type = gguf_type.upper()
+    if fmt == "gguf" and gguf_type not in GGUF_TYPES:
+        raise HeloxError(f"unknown GGUF tensor type '{gguf_type}'",
+                         hint=f"choose one of {', '.join(GGUF_TYPES)}")
+    private_key = signing_key(key, announce)  # before the work: a bad key fails fast
+    started = time.perf_counter()
+    source = source or load_export_source(model, ema=ema, warn=announce)
+    out = Path(out) if out is not None else default_out(source, fmt, gguf_type)
+    metadata = training_metadata(source)
+    announce(f"exporting {source.checkpoint} to {fmt}"
+             + (f" ({gguf_type})" if fmt == "gguf" else "") + f": {out}")
+    artifact, details = write_artifact(source, fmt, out, gguf_type, metadata, overwrite,
+                                       announce)
+    manifest = write_manifest(artifact, fmt, metadata, private_key, details)
+    return Exported(fmt, artifact, manifest, metadata, time.perf_counter() - started, details)
+
+
+def write_artifact(source: ExportSource, fmt: str, out: Path, gguf_type: str,
+                   metadata: dict[str, str], overwrite: bool,
+                   announce: Callable[[str], None]) -> tuple[Path, dict]:
+    if fmt != "hf" and out.exists() and not overwrite:
+        raise HeloxError(f"{out} exists", hint="choose another --out, or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        from helox.export.hf import write_hf
+
+        return write_hf(source, out, metadata, overwrite=overwrite), {}
+    if fmt == "onnx":
+        from helox.export.onnx import write_onnx
+
+        return write_onnx(source, out, metadata, log=announce), {"opset": _onnx_opset()}
+    from helox.export.gguf import write_gguf
+
+    return write_gguf(source, out, gguf_type, metadata), {"tensor_type": gguf_type}
+
+
+def _onnx_opset() -> int:
+    from helox.export.onnx import OPSET
+
+    return OPSET

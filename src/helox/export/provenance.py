@@ -1,0 +1,116 @@
+"""Provenance of exported models: a fingerprint over canonical weight bytes and the training
+metadata embedded in every artifact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from helox.export.source import ExportSource, canonical_state
+
+METADATA_PREFIX = "helox."
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as an artifact stores it: `dtype` in the format's own words (F32, Q8_0,
+    ...), `shape` in the format's order, `data` the exact stored bytes."""
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+
+def weights_fingerprint(tensors: Iterable[StoredTensor]) -> str:
+    """sha256 over the tensors sorted by name, each a JSON header (name, dtype, shape, byte
+    count) and a newline followed by its bytes: any changed byte, shape, type or name, and
+    any tensor added or dropped, changes it."""
+    digest = hashlib.sha256()
+    for tensor in sorted(tensors, key=lambda t: t.name):
+        data = memoryview(tensor.data).cast("B")
+        header = {"name": tensor.name, "dtype": tensor.dtype, "shape": list(tensor.shape),
+                  "nbytes": data.nbytes}
+        digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        digest.update(b"\n")
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def torch_stored(name: str, tensor: torch.Tensor) -> StoredTensor:
+    """A torch tensor as little-endian bytes in its own dtype (F32, F16, BF16, ...)."""
+    array = tensor.detach().cpu().contiguous()
+    dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32"}[array.dtype]
+    raw = array.view(torch.uint8) if array.dtype == torch.bfloat16 else array
+    assert sys.byteorder == "little", "fingerprints are defined over little-endian bytes"
+    return StoredTensor(name, dtype, tuple(array.shape), raw.numpy().tobytes())
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """The fingerprint of a model's weights in fp32 under Helox's names (a tied head once):
+    the identity of a trained model, whatever format it is later stored in."""
+    return weights_fingerprint(torch_stored(name, tensor)
+                               for name, tensor in canonical_state(model).items())
+
+
+def training_metadata(source: ExportSource) -> dict[str, str]:
+    """What every artifact carries about where its weights came from, as flat string pairs
+    (safetensors metadata, GGUF key-values and ONNX metadata_props hold only strings)."""
+    info = source.run_info
+    init_from = source.config.train.init_from
+    values = {
+        "model_fingerprint": model_fingerprint(source.model),
+        "run_fingerprint": info.get("fingerprint", ""),
+        "dataset_version": info.get("dataset_version", ""),
+        "config_sha256": info.get("config_sha256", ""),
+        "parent_model": info.get("parent_model", str(init_from) if init_from else ""),
+        "checkpoint": source.checkpoint.name,
+        "weights": "ema" if source.ema else "model",
+        "code_version": info.get("code", {}).get("git_sha", info.get("code", {}).get(
+            "helox", "")) or "",
+    }
+    return {METADATA_PREFIX + key: str(value) for key, value in values.items()}
+
+
+def numpy_stored(name: str, array: np.ndarray, dtype: str) -> StoredTensor:
+    """A numpy array's bytes under the format's type name."""
+    return StoredTensor(name, dtype, tuple(array.shape), np.ascontiguousarray(array).tobytes())
+
+
+def safetensors_stored_tensors(path: Path) -> list[StoredTensor]:
+    """The tensors of a .safetensors file as stored: its header's dtype and shape, and the
+    exact bytes of each (read from the file, not through a framework)."""
+    with open(path, "rb") as f:
+        header_bytes = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_bytes))
+        data = f.read()
+    header.pop("__metadata__", None)
+    return [StoredTensor(name, info["dtype"], tuple(info["shape"]),
+                         data[info["data_offsets"][0]:info["data_offsets"][1]])
+            for name, info in header.items()]
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return {key: value for key, value in header.get("__metadata__", {}).items()
+            if key.startswith(METADATA_PREFIX)}
+
+
+def model_fingerprint_of_hf(weights: Path) -> str:
+    """The model fingerprint of a Hugging Face safetensors file: its tensors under Helox's
+    names in fp32 (a tied head is absent from the file, as from the canonical state)."""
+    from safetensors.torch import load_file
+
+    from helox.model.hf import hf_to_helox_name
+
+    tensors = load_file(str(weights))
+    return weights_fingerprint(torch_stored(hf_to_helox_name(name), tensor.to(torch.float32))
+                               for name, tensor in tensors.items())

@@ -1,0 +1,76 @@
+"""What every exporter starts from: a trained checkpoint, rebuilt in fp32 on the CPU, with its
+tokenizer and the training metadata that goes into every artifact."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from helox.config import RunConfig
+from helox.data.tokenizer import eos_id
+from helox.errors import HeloxError
+from helox.model.llama import Llama
+from helox.train.checkpoint import MODEL_WEIGHTS, load_trained_model, newest_valid_checkpoint
+
+
+@dataclass
+class ExportSource:
+    model: Llama
+    """fp32, eval mode, on the CPU."""
+    tokenizer: Tokenizer
+    tokenizer_json: Path
+    config: RunConfig
+    checkpoint: Path
+    run_info: dict
+    """The checkpoint's run.json: run fingerprint, dataset version, config hash, ..."""
+    eos_id: int
+    ema: bool
+
+    @property
+    def eos_token(self) -> str:
+        return self.config.tokenizer.eos_token
+
+    @property
+    def step(self) -> int:
+        return int(self.checkpoint.name.removeprefix("step-"))
+
+    @property
+    def name(self) -> str:
+        """The run's folder name (for file names and the model's display name)."""
+        return self.checkpoint.parent.parent.name or "helox-model"
+
+
+def load_export_source(path: Path, ema: bool = False,
+                       warn=lambda message: None) -> ExportSource:
+    """A run folder (its newest valid checkpoint) or one checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise HeloxError(f"{path} does not exist",
+                         hint="pass a run folder or one of its checkpoint folders")
+    checkpoint = path if (path / MODEL_WEIGHTS).is_file() else newest_valid_checkpoint(path, warn)
+    model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
+    model.float().eval()
+    run_info = json.loads((checkpoint / "run.json").read_text())
+    return ExportSource(model=model, tokenizer=tokenizer,
+                        tokenizer_json=checkpoint / "tokenizer.json", config=config,
+                        checkpoint=checkpoint, run_info=run_info,
+                        eos_id=eos_id(tokenizer, config.tokenizer.eos_token, checkpoint),
+                        ema=ema)
+
+
+def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights by Helox name, fp32 and contiguous, a tied head included once
+    (under `embed.weight`): the input of the model fingerprint."""
+    state = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen and tensor.shape == state[seen[key]].shape:
+            continue
+        seen[key] = name
+        state[name] = tensor.detach().to(torch.float32).contiguous()
+    return state
