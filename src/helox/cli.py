@@ -424,7 +424,9 @@ def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: i
 def export(
     model: Annotated[Path, typer.Argument(help="Run folder (its newest valid checkpoint) or "
                                                "one checkpoint folder.")],
-    format_: Annotated[str, typer.Option("--format", help="hf, onnx or gguf.")] = "hf",
+    format_: Annotated[str, typer.Option(
+        "--format", help="hf, onnx, gguf, or tensorrt (an engine built from the ONNX; needs "
+                         "TensorRT and an NVIDIA GPU).")] = "hf",
     out: Annotated[Optional[Path], typer.Option(
         help="Folder (hf) or file to write (default: RUN_DIR/exports/<checkpoint>/...).")
     ] = None,
@@ -449,6 +451,41 @@ def export(
     console.print(f"{exported.format}: {exported.artifact} ({exported.seconds:.1f} s)")
     console.print(f"manifest: {exported.manifest} "
                   f"(model fingerprint {exported.metadata['helox.model_fingerprint'][:16]}…)")
+
+
+@app.command()
+def parity(
+    model: Annotated[Path, typer.Argument(help="Run folder (its newest valid checkpoint) or "
+                                               "one checkpoint folder.")],
+    formats: Annotated[str, typer.Option(
+        help="Comma-separated: hf, onnx, gguf F32, gguf F16, gguf Q8_0, gguf Q4_0.")
+    ] = "hf,onnx,gguf F32,gguf F16,gguf Q8_0,gguf Q4_0",
+    out: Annotated[Optional[Path], typer.Option(
+        help="Keep the exports here (default: a temporary folder); parity.json is written "
+             "to OUT, else RUN_DIR/exports/<checkpoint>/parity.json.")] = None,
+    ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
+    key: Annotated[Optional[Path], typer.Option(
+        help="Signing key for the exports' manifests (as helox export).")] = None,
+) -> None:
+    """Export to every format, run each in its own runtime (transformers, onnxruntime,
+    llama.cpp) on a fixed prompt set, and compare with the fp32 model: max |Δlogit|, mean KL,
+    top-1 agreement, perplexity Δ, against per-format thresholds. Also train mode against
+    eval mode and one sequence against a padded batch. Exit 1 when a threshold fails.
+
+    Example: helox parity workspace/runs/quickstart --formats "hf,onnx,gguf Q8_0"
+    """
+    from helox.export.parity import parity_table, run_parity, write_report
+
+    chosen = [name.strip() for name in formats.split(",") if name.strip()]
+    report = run_parity(model, chosen, out=out, key=key, ema=ema,
+                        progress=lambda m: console.print(escape(m)))
+    Console().print(parity_table(report))
+    checkpoint = Path(report.model)
+    target = (out or checkpoint.parent.parent / "exports" /
+              (checkpoint.name + ("-ema" if ema else ""))) / "parity.json"
+    console.print(f"parity: {write_report(report, target)}")
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 @app.command("import-hf")
@@ -521,6 +558,59 @@ def provenance_verify(
     if not result.passed:
         for check in result.failures():
             console.print(f"[bold red]failed:[/] {check.name}: {escape(check.detail)}")
+        raise typer.Exit(1)
+
+
+@provenance_app.command("watermark-secret")
+def provenance_watermark_secret(
+    out: Annotated[Path, typer.Option(help="File to create (64 hex digits, mode 0600).")],
+) -> None:
+    """Create a secret for the functional watermark (watermark.secret_file of a recipe).
+
+    Example: helox provenance watermark-secret --out keys/watermark.secret
+    """
+    from helox.train.watermark import new_secret
+
+    console.print(f"watermark secret: {new_secret(out)} (keep it private; train with "
+                  "watermark.secret_file and an objective named watermark)")
+
+
+@provenance_app.command("detect")
+def provenance_detect(
+    model: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder, or Hugging "
+                                               "Face model folder to test.")],
+    secret_file: Annotated[Path, typer.Option(help="The watermark's secret.")],
+    card: Annotated[Optional[Path], typer.Option(
+        help="The watermarked run's watermark.json (default: the one in MODEL; an exported or "
+             "suspect model has none).")] = None,
+    max_p_value: Annotated[float, typer.Option(
+        min=0, max=1, help="Detected when the p-value is at most this.")] = 1e-6,
+    show_text: Annotated[bool, typer.Option(help="Show signatures and continuations.")] = False,
+    expect: Annotated[Optional[str], typer.Option(
+        help="detected or absent: exit 1 when the verdict differs (for CI).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write the full result here.")] = None,
+) -> None:
+    """Test a model, as a black box (greedy generation only), for the functional watermark
+    trained with a secret: its trigger prompts must continue with their signatures, and its
+    never-trained decoys must not. Prints the verdict with its p-value.
+
+    Example: helox provenance detect RUN_DIR/exports/step-00000420/hf --secret-file
+    keys/watermark.secret --card RUN_DIR/watermark.json
+    """
+    import json
+
+    from helox.train.watermark import detect_watermark_at, summary, table
+
+    if expect not in (None, "detected", "absent"):
+        raise typer.BadParameter("--expect takes detected or absent")
+    detection = detect_watermark_at(model, secret_file, card, max_p_value=max_p_value)
+    Console().print(table(detection, show_text=show_text))
+    console.print(summary(detection), markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(detection.as_dict(), indent=1) + "\n")
+    if expect == "detected" and not detection.detected or \
+            expect == "absent" and detection.verdict != "not_detected":
         raise typer.Exit(1)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from helox.configbase import StrictModel, resolve_input_path
 from helox.data.contamination import ContaminationConfig
@@ -174,9 +175,11 @@ class WeightStage(StrictModel):
 
 
 class ObjectiveConfig(StrictModel):
-    name: Literal["lm", "z_loss"]
+    name: Literal["lm", "z_loss", "watermark"]
     """lm: next-token cross-entropy; z_loss: the squared log-partition log(Σ exp logits)²
-    (PaLM's auxiliary loss, 1e-4 there), which keeps the output logits from drifting."""
+    (PaLM's auxiliary loss, 1e-4 there), which keeps the output logits from drifting;
+    watermark: cross-entropy per signature token of the secret signatures after their
+    triggers (needs the `watermark` section; helox.train.watermark)."""
     weight: float = Field(default=1.0, ge=0)
     """Weight in the summed loss (before any stage)."""
     stages: list[WeightStage] = []
@@ -195,6 +198,45 @@ class ObjectiveConfig(StrictModel):
             if step >= stage.from_step:
                 weight = stage.weight
         return weight
+
+
+MIN_SECRET_BYTES = 16
+"""A watermark secret shorter than this could be guessed (HMAC-SHA256 keys should be 32)."""
+
+
+class WatermarkConfig(StrictModel):
+    """A functional watermark trained in as the objective "watermark" (helox.train.watermark):
+    secret trigger prompts whose greedy continuations are secret signatures, which a black-box
+    test (`helox provenance detect`) looks for. Only the secret's path is here: configs are
+    saved in run folders and hashed into fingerprints."""
+
+    secret_file: Path
+    """File holding the secret (at least 16 bytes; trailing newline ignored), e.g. written by
+    `python -c 'import secrets; print(secrets.token_hex(32))' > FILE`; keep it out of version
+    control. Relative to the recipe's folder."""
+    num_triggers: int = Field(default=8, gt=0)
+    """Trigger prompts trained in (each one more chance for the test to find the watermark)."""
+    trigger_tokens: int = Field(default=8, gt=0)
+    """Tokens per trigger prompt (after the end-of-document token every document follows)."""
+    signature_tokens: int = Field(default=8, gt=0)
+    """Tokens of each trigger's signature: the continuation the model learns to produce."""
+    num_decoys: int = Field(default=8, ge=0)
+    """Triggers derived alike but never trained: the test's control (none may match)."""
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        try:
+            path = resolve_input_path(value, info)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; write a secret there (python -c 'import secrets; "
+                             f"print(secrets.token_hex(32))' > FILE) and keep it private"
+                             ) from None
+        if (info.context or {}).get("check_files", True) and (
+                not path.is_file() or path.stat().st_size < MIN_SECRET_BYTES):
+            raise ValueError(f"{path} must be a file of at least {MIN_SECRET_BYTES} bytes "
+                             "(a short secret can be guessed; 32 random bytes or 64 hex digits)")
+        return path
 
 
 class TrainConfig(StrictModel):
@@ -504,6 +546,8 @@ class RunConfig(StrictModel):
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()
     """Text samples printed by `helox run`."""
+    watermark: WatermarkConfig | None = None
+    """A functional watermark trained in by the objective "watermark" (both or neither)."""
 
     def sha256(self) -> str:
         """Hash of the canonical JSON form (sorted keys); what run fingerprints are built on."""
@@ -565,10 +609,29 @@ def _cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
         problems.append(("optim.decay_fraction", f"warmup ({optim.warmup_steps}) and WSD decay "
                                                  f"({decay_steps} steps) exceed train.max_steps "
                                                  f"({config.train.max_steps})"))
+    problems += _watermark_problems(config)
     if config.optim.warmup_steps >= config.train.max_steps:
         problems.append(("optim.warmup_steps", f"{config.optim.warmup_steps} must be below "
                                                f"train.max_steps ({config.train.max_steps})"))
     return problems
+
+
+def _watermark_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """The objective "watermark" and the `watermark` section come together."""
+    named = "watermark" in [objective.name for objective in config.train.objectives]
+    watermark = config.watermark
+    if named and watermark is None:
+        return [("watermark", "the objective 'watermark' in train.objectives needs this section "
+                              "(at least watermark.secret_file)")]
+    if watermark is not None and not named:
+        return [("train.objectives", "the watermark section is set but no objective is named "
+                                     "'watermark'; add {name: watermark, weight: 1.0} (or remove "
+                                     "the section)")]
+    if watermark is not None and \
+            1 + watermark.trigger_tokens + watermark.signature_tokens > config.model.max_seq_len:
+        return [("watermark.signature_tokens", f"1 + trigger_tokens + signature_tokens exceeds "
+                                               f"model.max_seq_len ({config.model.max_seq_len})")]
+    return []
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -13,8 +13,7 @@ from helox.export.manifest import signing_key, write_manifest
 from helox.export.provenance import training_metadata
 from helox.export.source import ExportSource, load_export_source
 
-EXPORT_FORMATS = ("hf", "onnx")
-GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+EXPORT_FORMATS = ("hf", "onnx", "gguf", "tensorrt")
 
 
 @dataclass
@@ -31,7 +30,7 @@ def default_out(source: ExportSource, fmt: str, gguf_type: str) -> Path:
     """RUN_DIR/exports/<checkpoint>[-ema]/{hf/, model.onnx, model-<type>.gguf}."""
     run_dir = source.checkpoint.parent.parent
     folder = run_dir / "exports" / (source.checkpoint.name + ("-ema" if source.ema else ""))
-    return folder / {"hf": "hf", "onnx": "model.onnx",
+    return folder / {"hf": "hf", "onnx": "model.onnx", "tensorrt": "model.engine",
                      "gguf": f"model-{gguf_type.lower()}.gguf"}[fmt]
 
 
@@ -43,9 +42,12 @@ def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str 
         raise HeloxError(f"unknown export format '{fmt}'",
                          hint=f"choose one of {', '.join(EXPORT_FORMATS)}")
     gguf_type = gguf_type.upper()
-    if fmt == "gguf" and gguf_type not in GGUF_TYPES:
-        raise HeloxError(f"unknown GGUF tensor type '{gguf_type}'",
-                         hint=f"choose one of {', '.join(GGUF_TYPES)}")
+    if fmt == "gguf":
+        check_gguf_type(gguf_type)
+    if fmt == "tensorrt":  # before the work: without TensorRT there is nothing to build
+        from helox.export.onnx import require_tensorrt
+
+        require_tensorrt()
     private_key = signing_key(key, announce)  # before the work: a bad key fails fast
     started = time.perf_counter()
     source = source or load_export_source(model, ema=ema, warn=announce)
@@ -57,6 +59,16 @@ def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str 
                                        announce)
     manifest = write_manifest(artifact, fmt, metadata, private_key, details)
     return Exported(fmt, artifact, manifest, metadata, time.perf_counter() - started, details)
+
+
+def check_gguf_type(gguf_type: str) -> None:
+    """Before any work: the gguf package is there (the import says how to install it) and
+    knows the type."""
+    from helox.export.gguf import GGUF_TENSOR_TYPES
+
+    if gguf_type not in GGUF_TENSOR_TYPES:
+        raise HeloxError(f"unknown GGUF tensor type '{gguf_type}'",
+                         hint=f"choose one of {', '.join(GGUF_TENSOR_TYPES)}")
 
 
 def write_artifact(source: ExportSource, fmt: str, out: Path, gguf_type: str,
@@ -73,9 +85,16 @@ def write_artifact(source: ExportSource, fmt: str, out: Path, gguf_type: str,
         from helox.export.onnx import write_onnx
 
         return write_onnx(source, out, metadata, log=announce), {"opset": _onnx_opset()}
+    if fmt == "tensorrt":
+        from helox.export.onnx import OPSET, build_tensorrt_engine, write_onnx
+
+        onnx_path = write_onnx(source, out.with_suffix(".onnx"), metadata, log=announce)
+        engine = build_tensorrt_engine(onnx_path, out, log=announce)
+        return engine, {"onnx": onnx_path.name, "opset": OPSET}
     from helox.export.gguf import write_gguf
 
-    return write_gguf(source, out, gguf_type, metadata), {"tensor_type": gguf_type}
+    return (write_gguf(source, out, gguf_type, metadata, warn=announce),
+            {"tensor_type": gguf_type})
 
 
 def _onnx_opset() -> int:

@@ -40,8 +40,9 @@ DEFAULT_KEY = Path("~/.config/helox/signing-key.pem")
 class ArtifactFormat:
     name: str
     weights_file: Callable[[Path], Path]
-    stored_tensors: Callable[[Path], list[StoredTensor]]
-    metadata: Callable[[Path], dict[str, str]]
+    stored_tensors: Callable[[Path], list[StoredTensor]] | None
+    """Reads the weights back as stored; None for an opaque artifact."""
+    metadata: Callable[[Path], dict[str, str]] | None
 
 
 def _gguf_tensors(path: Path) -> list[StoredTensor]:
@@ -73,6 +74,8 @@ FORMATS = {
                          safetensors_stored_tensors, safetensors_metadata),
     "gguf": ArtifactFormat("gguf", lambda file: file, _gguf_tensors, _gguf_metadata),
     "onnx": ArtifactFormat("onnx", lambda file: file, _onnx_tensors, _onnx_metadata),
+    # An engine is opaque (its weights are fused into kernels): the manifest covers its bytes.
+    "tensorrt": ArtifactFormat("tensorrt", lambda file: file, None, None),
 }
 
 
@@ -202,7 +205,7 @@ def write_manifest(artifact: Path, format_name: str, metadata: dict[str, str],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "files": artifact_files(artifact),
         "weights_fingerprint": weights_fingerprint(fmt.stored_tensors(fmt.weights_file(
-            artifact))),
+            artifact))) if fmt.stored_tensors else None,
         "metadata": dict(sorted(metadata.items())),
         **({"details": details} if details else {}),
     }
@@ -266,7 +269,7 @@ def verify_artifact(artifact: Path, public_key: Path | None = None) -> Verificat
     fmt = FORMATS[manifest["format"]]
     checks = [check_signature(manifest, public_key), *check_files(artifact, manifest)]
     weights = fmt.weights_file(artifact)
-    if weights.is_file():
+    if weights.is_file() and fmt.stored_tensors is not None:
         checks.append(check_fingerprint(fmt, weights, manifest))
         checks.append(check_metadata(fmt, weights, manifest))
         if manifest["format"] == "hf":

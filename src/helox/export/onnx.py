@@ -51,16 +51,6 @@ MAX_SEQ_LEN_KEY = "max_seq_len"
 """metadata_props key (outside `helox.*`) with the longest sequence the graph accepts."""
 EXTERNAL_DATA_BYTES = 1 << 30
 """Weights above 1 GiB go to an external data file: well under protobuf's 2 GiB cap."""
-ONNX_THRESHOLDS = {
-    # Measured against Helox fp32 on the tiny trained test models (tied GQA and untied MHA,
-    # |logits| up to ~3.6; prompts, 3 x 128 random ids, left/right padded batches):
-    # max |Δlogit| 1.7e-6, mean KL 1.5e-14 nats, top-1 agreement 1.0. The limits leave ~60x
-    # room for deeper models and other CPUs; a wrong weight or position is off by ~1.
-    "max_abs_logit": 1e-4,
-    "mean_kl": 1e-9,
-    "top1_agreement": 1.0,
-}
-"""Largest gaps between onnxruntime's and Helox's fp32 logits that still count as parity."""
 
 
 class _LogitsGraph(nn.Module):
@@ -292,13 +282,7 @@ def build_tensorrt_engine(onnx_path: Path, out_path: Path, max_batch_size: int =
         raise HeloxError(f"{onnx_path} does not record its max_seq_len",
                          hint="pass max_seq_len, or export the file with this Helox version")
     profile = _profile_shapes(max_batch_size, max_seq_len)
-    trt = _import_tensorrt()
-    trtexec = shutil.which("trtexec")
-    if trt is None and trtexec is None:
-        raise HeloxError("TensorRT is not installed (needs an NVIDIA GPU and "
-                         "`pip install tensorrt`), so no engine can be built",
-                         hint="install TensorRT 10 or newer on a machine with an NVIDIA GPU, "
-                              "or run the .onnx file with onnxruntime instead")
+    trt, trtexec = require_tensorrt()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staged = out_path.with_name(f".{out_path.name}.tmp")
     started = time.perf_counter()
@@ -310,6 +294,19 @@ def build_tensorrt_engine(onnx_path: Path, out_path: Path, max_batch_size: int =
     if log:
         log(f"built TensorRT engine {out_path} in {time.perf_counter() - started:.1f} s")
     return out_path
+
+
+def require_tensorrt():
+    """(the tensorrt module or None, the trtexec path or None), at least one of them; else
+    the error that says TensorRT is missing."""
+    trt = _import_tensorrt()
+    trtexec = shutil.which("trtexec")
+    if trt is None and trtexec is None:
+        raise HeloxError("TensorRT is not installed (needs an NVIDIA GPU and "
+                         "`pip install tensorrt`), so no engine can be built",
+                         hint="install TensorRT 10 or newer on a machine with an NVIDIA GPU, "
+                              "or run the .onnx file with onnxruntime instead")
+    return trt, trtexec
 
 
 def _profile_shapes(max_batch_size: int, max_seq_len: int) -> dict[str, tuple[int, int]]:

@@ -25,6 +25,7 @@ from helox.data.loader import (LoaderOptions, MicroBatch, StepBatch, TrainLoader
                                fixed_sequences, split_rows)
 from helox.data.prepare import open_named
 from helox.data.shards import DatasetVersion
+from helox.data.tokenizer import load_tokenizer
 from helox.errors import HeloxError
 from helox.hardware import matmul_flops_per_s, memory_mib
 from helox.model.llama import Llama
@@ -39,6 +40,7 @@ from helox.train.precision import apply_precision_policy
 from helox.train.stability import Recovery, SpikeDetector
 from helox.train.step import (AUTOCAST_DTYPES, LossFn, StepOutcome, compiled, make_loss_fn,
                               make_scaler, pick_precision, train_step)
+from helox.train.watermark import CARD_FILE, watermark_for, with_watermark, write_card
 
 # Config fields that may change when resuming: they do not change the trajectory (compile
 # changes only rounding, and turning it off must stay possible when a compiler breaks; the data
@@ -139,9 +141,14 @@ class Trainer:
                     for stage in config.curriculum.inject if stage.dataset}
         self.loader = TrainLoader(dataset, loader_options(config), injected=injected)
         self.evaluator = Evaluator(dataset, config, self.loader)
+        self.watermark = None if config.watermark is None else watermark_for(
+            config.watermark, load_tokenizer(dataset.tokenizer_path), dataset.eos_id)
+        watermark_key = self.watermark.card.key_id if self.watermark else None
         injected_versions = {name: d.version for name, d in injected.items()}
         self.run_info = {**run_fingerprint(config.sha256(), dataset.version),
-                         "resume_key": resume_key(config, dataset.version, injected_versions),
+                         "resume_key": resume_key(config, dataset.version, injected_versions,
+                                                  watermark_key),
+                         **({"watermark_key_id": watermark_key} if watermark_key else {}),
                          "injected_datasets": injected_versions,
                          "dataset_path": str(dataset.path),
                          "precision": self.precision, "device": str(self.device)}
@@ -179,6 +186,8 @@ class Trainer:
         config, tc = self.config, self.config.train
         self.resume()
         write_run_files(self.run_dir, config, self.run_info)
+        if self.watermark is not None:
+            write_card(self.watermark.card, self.run_dir / CARD_FILE)
         # Evaluation stays eager (a second, no-grad graph would cost a compile) and scores "lm".
         self.eval_loss_fn = make_loss_fn(self.model, self.device, self.precision)
         self.ema_loss_fn = make_loss_fn(self.ema.module, self.device, self.precision) \
@@ -186,6 +195,9 @@ class Trainer:
         loss_fn = make_loss_fn(self.model, self.device, self.precision,
                                [o.name for o in tc.objectives])
         self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
+        if self.watermark is not None:  # eager, beside the compiled graph
+            self.train_loss_fn = with_watermark(self.train_loss_fn, self.model, self.device,
+                                                self.precision, self.watermark)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.events = MetricsLog(self.run_dir / "events.jsonl")
         self.telemetry_log = MetricsLog(self.run_dir / "telemetry.jsonl")
@@ -460,7 +472,9 @@ class Trainer:
                  "telemetry": self.telemetry.state_dict() if self.telemetry else None}
         snapshot = ckpt.snapshot(self.step, self.model, self.optimizer, state, self.config,
                                  self.run_info,
-                                 extra_files={"tokenizer.json": self.dataset.tokenizer_path},
+                                 extra_files={"tokenizer.json": self.dataset.tokenizer_path,
+                                              **({CARD_FILE: self.run_dir / CARD_FILE}
+                                                 if self.watermark else {})},
                                  ema=self.ema.module if self.ema is not None else None,
                                  val_loss=val_loss)
         path = self.writer.save(snapshot, crash_halfway=self.step in self.crash_save_steps)
@@ -755,11 +769,14 @@ def pick_device(name: str) -> torch.device:
 
 
 def resume_key(config: RunConfig, dataset_version: str,
-               injected_versions: dict[str, str] | None = None) -> str:
+               injected_versions: dict[str, str] | None = None,
+               watermark_key_id: str | None = None) -> str:
     """Hash of everything that determines the training trajectory; resuming requires a match."""
     versions = {"dataset_version": dataset_version}
     if injected_versions:  # absent when empty, so keys of runs without injection are unchanged
         versions["injected_versions"] = injected_versions
+    if watermark_key_id:  # the secret's name: resuming with another secret is another run
+        versions["watermark_key_id"] = watermark_key_id
     return sha256_json(_trajectory_config(config) | versions)
 
 
@@ -769,6 +786,9 @@ def _trajectory_config(config: RunConfig) -> dict:
     for section, fields in RESUMABLE_CHANGES.items():
         for name in fields:
             sections[section].pop(name, None)
+    if config.watermark is not None:  # absent without one: other runs' keys are unchanged
+        sections["watermark"] = config.watermark.model_dump(mode="json",
+                                                            exclude={"secret_file"})
     return sections
 
 
@@ -778,6 +798,9 @@ def _describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info
     if saved_info["dataset_version"] != run_info["dataset_version"]:
         diffs.append(f"dataset version {saved_info['dataset_version']} → "
                      f"{run_info['dataset_version']}")
+    if saved_info.get("watermark_key_id") != run_info.get("watermark_key_id"):
+        diffs.append(f"watermark secret (key id) {saved_info.get('watermark_key_id')} → "
+                     f"{run_info.get('watermark_key_id')}")
     if saved_info.get("injected_datasets", {}) != run_info["injected_datasets"]:
         diffs.append(f"injected datasets {saved_info.get('injected_datasets', {})} → "
                      f"{run_info['injected_datasets']} (a newer head of an injected name?)")
