@@ -17,6 +17,7 @@ from helox.config import load_config
 from helox.data.prepare import prepare_dataset
 from helox.export.exporter import export_model
 from helox.export.manifest import generate_key, verify_artifact
+from helox.export.provenance import model_fingerprint
 from helox.export.source import load_export_source
 from helox.testing.tiny import CORPUS
 from helox.train.loop import train
@@ -108,11 +109,14 @@ def test_fine_tune_a_few_steps_and_export_back_to_transformers(imported, tmp_pat
     assert verify_artifact(exported.artifact, public).passed
     assert exported.metadata["helox.parent_model"] == str(
         imported.resolve() / "checkpoints" / "step-00000000")
+    imported_source = load_export_source(imported)
+    assert exported.metadata["helox.parent_model_fingerprint"] == model_fingerprint(
+        imported_source.model) == imported_source.run_info["fingerprint"]
     source = load_export_source(run_dir)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         exported.artifact, local_files_only=True).eval()
     ours, theirs = helox_and_hf_logits(source.model, hf_model, source.tokenizer, PROMPTS[0])
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
-    before = load_export_source(imported).model
+    before = imported_source.model
     assert not torch.equal(before.blocks[0].attn.q_proj.weight,
                            source.model.blocks[0].attn.q_proj.weight)  # the steps changed it

@@ -165,3 +165,21 @@ def test_onnx_export_verifies_and_a_flipped_initializer_byte_is_named(export_run
     problems = failed(verify_artifact(exported.artifact, keys["ours"][1]))
     assert set(problems) == {"files", "weights fingerprint"}
     assert "weights fingerprint mismatch" in problems["weights fingerprint"]
+
+
+def test_gguf_export_verifies_and_a_flipped_block_byte_is_named(export_run, keys, tmp_path):
+    pytest.importorskip("gguf")
+    from helox.export.gguf import gguf_metadata, gguf_stored_tensors
+
+    exported = export_model(export_run, "gguf", tmp_path / "model.gguf", gguf_type="Q8_0",
+                            key=keys["ours"][0])
+    assert verify_artifact(exported.artifact, keys["ours"][1]).passed
+    assert gguf_metadata(exported.artifact) == exported.metadata
+    quantized = next(t for t in gguf_stored_tensors(exported.artifact) if t.dtype == "Q8_0")
+    data = bytearray(exported.artifact.read_bytes())
+    at = data.find(bytes(quantized.data)) + len(quantized.data) // 2
+    data[at] ^= 0x01
+    exported.artifact.write_bytes(bytes(data))
+    problems = failed(verify_artifact(exported.artifact, keys["ours"][1]))
+    assert set(problems) == {"files", "weights fingerprint"}
+    assert "weights fingerprint mismatch" in problems["weights fingerprint"]

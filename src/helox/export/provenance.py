@@ -71,12 +71,26 @@ def training_metadata(source: ExportSource) -> dict[str, str]:
         "dataset_version": info.get("dataset_version", ""),
         "config_sha256": info.get("config_sha256", ""),
         "parent_model": info.get("parent_model", str(init_from) if init_from else ""),
+        "parent_model_fingerprint": parent_fingerprint(init_from),
         "checkpoint": source.checkpoint.name,
         "weights": "ema" if source.ema else "model",
         "code_version": info.get("code", {}).get("git_sha", info.get("code", {}).get(
             "helox", "")) or "",
     }
     return {METADATA_PREFIX + key: str(value) for key, value in values.items()}
+
+
+def parent_fingerprint(init_from: Path | None) -> str:
+    """The model fingerprint of the checkpoint a run started from (train.init_from), when it
+    is still there; "" otherwise."""
+    from helox.train.checkpoint import MODEL_WEIGHTS, load_trained_model, newest_valid_checkpoint
+
+    if init_from is None or not Path(init_from).exists():
+        return ""
+    path = Path(init_from)
+    checkpoint = path if (path / MODEL_WEIGHTS).is_file() else newest_valid_checkpoint(
+        path, warn=lambda message: None)
+    return model_fingerprint(load_trained_model(checkpoint)[0])
 
 
 def numpy_stored(name: str, array: np.ndarray, dtype: str) -> StoredTensor:
