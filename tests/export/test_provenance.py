@@ -3,6 +3,7 @@ untouched export and names what is wrong with a tampered one."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +184,21 @@ def test_gguf_export_verifies_and_a_flipped_block_byte_is_named(export_run, keys
     problems = failed(verify_artifact(exported.artifact, keys["ours"][1]))
     assert set(problems) == {"files", "weights fingerprint"}
     assert "weights fingerprint mismatch" in problems["weights fingerprint"]
+
+
+def test_the_first_export_creates_the_default_signing_key(export_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HELOX_SIGNING_KEY", raising=False)
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", str(export_run), "--format", "hf", "--out",
+                                 str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    key = tmp_path / "home" / ".config" / "helox" / "signing-key.pem"
+    assert "created signing key" in result.output and key.stat().st_mode & 0o777 == 0o600
+    verified = runner.invoke(app, ["provenance", "verify", str(tmp_path / "hf"),
+                                   "--public-key", f"{key}.pub"])
+    assert verified.exit_code == 0, verified.output
+    again = runner.invoke(app, ["export", str(export_run), "--format", "onnx", "--out",
+                                str(tmp_path / "model.onnx")])
+    assert again.exit_code == 0 and "created signing key" not in again.output
+    assert verify_artifact(tmp_path / "model.onnx", Path(f"{key}.pub")).passed
