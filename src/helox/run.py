@@ -81,6 +81,10 @@ def print_summary(console: Console, config: RunConfig, dataset: DatasetVersion,
     if val_losses:
         rows.append(("validation loss", f"{val_losses[-1]:.3f} nats/token (unigram entropy "
                                         f"of the training tokens: {entropy:.3f})"))
+    run_dir = result.run_dir
+    rows += [("evaluate", f"helox eval {run_dir} --suite quickstart"),
+             ("export", f"helox export {run_dir} --format hf   (or onnx, gguf --type Q8_0)"),
+             ("check exports", f"helox parity {run_dir}")]
     console.rule("artifacts")
     for label, value in rows:  # one line each, never wrapped, so paths can be copied
         console.print(f"{label:<16} {value}", soft_wrap=True, markup=False, highlight=False)
