@@ -3,6 +3,7 @@ and greedy generations are Helox's."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,25 @@ def test_a_non_empty_folder_is_not_replaced_unless_asked(export_run, signing_key
 def test_unknown_format_is_refused(export_run, signing_key):
     with pytest.raises(HeloxError, match="unknown export format 'tflite'"):
         export_model(export_run, "tflite", key=signing_key)
+
+
+def test_helox_reads_its_own_export_with_one_eos(exported, tmp_path):
+    """The exported tokenizer adds the EOS itself (for transformers users); Helox, which adds
+    it too, must not read texts with two: helox eval on the folder, and a dataset prepared
+    with its tokenizer.json, see the ids of training."""
+    from helox.data.prepare import prepare_dataset
+    from helox.eval.lm import load_language_model
+    from helox.testing.tiny import tiny_config
+
+    source, result = exported
+    lm = load_language_model(result.artifact)
+    for text in TEXTS:
+        assert lm.document(text) == [source.eos_id, *source.tokenizer.encode(text).ids]
+    shards = {}
+    for name, tokenizer in (("export", result.artifact / "tokenizer.json"),
+                            ("training", source.tokenizer_json)):
+        dataset = prepare_dataset(tiny_config(tmp_path / name, [f"tokenizer.path={tokenizer}"],
+                                              train_documents=20, val_documents=4))
+        shards[name] = [np.fromfile(path, dtype=dataset.dtype).tolist()
+                        for path in dataset.shard_paths("train")]
+    assert shards["export"] == shards["training"]

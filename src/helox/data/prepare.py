@@ -258,7 +258,8 @@ def _write_shards(config: RunConfig, tokenizer: Tokenizer, cleaned: dict[str, Pa
     for split, path in cleaned.items():
         writer = ShardWriter(tmp_dir, split, vocab_size, config.data.shard_size_tokens)
         for done, batch in enumerate(batched(_cleaned_documents(path), ENCODE_BATCH_DOCUMENTS)):
-            for doc, encoding in zip(batch, tokenizer.encode_batch([d["text"] for d in batch])):
+            for doc, encoding in zip(batch, tokenizer.encode_batch(
+                    [d["text"] for d in batch], add_special_tokens=False)):
                 writer.add(encoding.ids + [eos], doc["domain"])
             progress(f"tokenizing {split}", (done + 1) * ENCODE_BATCH_DOCUMENTS)
         writer.flush()

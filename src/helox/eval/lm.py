@@ -54,7 +54,9 @@ class LanguageModel:
     # -- tokens ------------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        """The text's tokens alone: a tokenizer's own BOS/EOS template (an exported one adds
+        the EOS first, a Llama one its BOS) is not applied; `document` places the EOS."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

@@ -257,7 +257,8 @@ def missing_runtime(fmt: str) -> str:
 def prompt_ids(source: ExportSource, prompts: Sequence[str]) -> list[list[int]]:
     """Each prompt as the model reads a document: after EOS, cut to the context."""
     limit = source.model.cfg.max_seq_len
-    return [[source.eos_id, *source.tokenizer.encode(text).ids][:limit] for text in prompts]
+    return [[source.eos_id, *source.tokenizer.encode(text, add_special_tokens=False).ids][:limit]
+            for text in prompts]
 
 
 def measure(name: str, runtime: str, run: Logits, reference: list[np.ndarray],

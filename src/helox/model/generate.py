@@ -45,6 +45,6 @@ def complete(model: Llama, tokenizer, prompt: str, stop_id: int, max_new_tokens:
              temperature: float, top_k: int | None, seed: int = 0) -> str:
     """Text continuation of `prompt`, which is read as the start of a document (after EOS)."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    prompt_ids = [stop_id, *tokenizer.encode(prompt).ids]
+    prompt_ids = [stop_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
     new_ids = generate(model, prompt_ids, max_new_tokens, temperature, top_k, stop_id, generator)
     return tokenizer.decode(new_ids)

@@ -193,7 +193,7 @@ def prompt_token_ids(tokenizer, prompt: str, eos_id: int, max_tokens: int,
     """The prompt read as the start of a document, as `helox generate` reads it: EOS, then its
     tokens; cropped to the first `max_tokens` (the start keeps the document's positions)."""
     _check_prompt(prompt)
-    token_ids = [eos_id, *tokenizer.encode(prompt).ids]
+    token_ids = [eos_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
     if len(token_ids) > max_tokens:
         warn(f"the prompt is {len(token_ids)} tokens (with the leading end-of-document token); "
              f"explaining the first {max_tokens}")
