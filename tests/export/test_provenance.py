@@ -151,6 +151,19 @@ def test_keygen_never_overwrites(tmp_path):
     assert again.exit_code != 0
 
 
+def assert_a_flipped_byte_of_is_named(artifact, tensor_bytes: bytes, public_key):
+    """Flip one bit in the middle of a tensor's bytes inside the file: the file hash and the
+    weights fingerprint fail, and the failure names the fingerprint."""
+    data = bytearray(artifact.read_bytes())
+    start = data.find(tensor_bytes)
+    assert start >= 0, "the tensor's bytes are not in the file as stored"
+    data[start + len(tensor_bytes) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    problems = failed(verify_artifact(artifact, public_key))
+    assert set(problems) == {"files", "weights fingerprint"}
+    assert "weights fingerprint mismatch" in problems["weights fingerprint"]
+
+
 def test_onnx_export_verifies_and_a_flipped_initializer_byte_is_named(export_run, keys,
                                                                       tmp_path):
     onnx = pytest.importorskip("onnx")
@@ -159,13 +172,7 @@ def test_onnx_export_verifies_and_a_flipped_initializer_byte_is_named(export_run
     assert verify_artifact(exported.artifact, keys["ours"][1]).passed
     model = onnx.load(str(exported.artifact))
     largest = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-    data = bytearray(exported.artifact.read_bytes())
-    at = data.find(largest.raw_data) + len(largest.raw_data) // 2
-    data[at] ^= 0x01
-    exported.artifact.write_bytes(bytes(data))
-    problems = failed(verify_artifact(exported.artifact, keys["ours"][1]))
-    assert set(problems) == {"files", "weights fingerprint"}
-    assert "weights fingerprint mismatch" in problems["weights fingerprint"]
+    assert_a_flipped_byte_of_is_named(exported.artifact, largest.raw_data, keys["ours"][1])
 
 
 def test_gguf_export_verifies_and_a_flipped_block_byte_is_named(export_run, keys, tmp_path):
@@ -177,13 +184,8 @@ def test_gguf_export_verifies_and_a_flipped_block_byte_is_named(export_run, keys
     assert verify_artifact(exported.artifact, keys["ours"][1]).passed
     assert gguf_metadata(exported.artifact) == exported.metadata
     quantized = next(t for t in gguf_stored_tensors(exported.artifact) if t.dtype == "Q8_0")
-    data = bytearray(exported.artifact.read_bytes())
-    at = data.find(bytes(quantized.data)) + len(quantized.data) // 2
-    data[at] ^= 0x01
-    exported.artifact.write_bytes(bytes(data))
-    problems = failed(verify_artifact(exported.artifact, keys["ours"][1]))
-    assert set(problems) == {"files", "weights fingerprint"}
-    assert "weights fingerprint mismatch" in problems["weights fingerprint"]
+    assert_a_flipped_byte_of_is_named(exported.artifact, bytes(quantized.data),
+                                      keys["ours"][1])
 
 
 def test_the_first_export_creates_the_default_signing_key(export_run, tmp_path, monkeypatch):
