@@ -276,10 +276,10 @@ def generate(
     Example: helox generate workspace/runs/quickstart --prompt "ROMEO." --max-new-tokens 40
     """
     from helox.model.generate import complete
-    from helox.train.checkpoint import load_trained_model, newest_valid_checkpoint
+    from helox.train.checkpoint import load_trained_model, resolve_checkpoint
 
-    path = run_dir if (run_dir / "model.safetensors").is_file() else newest_valid_checkpoint(
-        run_dir, warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
+    path = resolve_checkpoint(run_dir, warn=lambda m: console.print("[yellow]warning:[/]",
+                                                                    escape(m)))
     model, tokenizer, config = load_trained_model(path, ema=ema)
     stop_id = tokenizer.token_to_id(config.tokenizer.eos_token)
     text = complete(model, tokenizer, prompt, stop_id, max_new_tokens, temperature, top_k, seed)
@@ -474,15 +474,14 @@ def parity(
 
     Example: helox parity workspace/runs/quickstart --formats "hf,onnx,gguf Q8_0"
     """
+    from helox.export.exporter import exports_folder
     from helox.export.parity import parity_table, run_parity, write_report
 
     chosen = [name.strip() for name in formats.split(",") if name.strip()]
     report = run_parity(model, chosen, out=out, key=key, ema=ema,
                         progress=lambda m: console.print(escape(m)))
     Console().print(parity_table(report))
-    checkpoint = Path(report.model)
-    target = (out or checkpoint.parent.parent / "exports" /
-              (checkpoint.name + ("-ema" if ema else ""))) / "parity.json"
+    target = (out or exports_folder(Path(report.model), ema)) / "parity.json"
     console.print(f"parity: {write_report(report, target)}")
     if not report.passed:
         raise typer.Exit(1)

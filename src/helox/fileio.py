@@ -15,6 +15,22 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def write_private(path: Path, data: bytes, what: str) -> Path:
+    """Create `path` (and its folders) holding `data`, readable by its owner only (0600);
+    an existing file is never overwritten, even by a writer racing this one (O_EXCL)."""
+    from helox.errors import HeloxError
+
+    path = Path(path).expanduser()
+    if path.exists():
+        raise HeloxError(f"{path} exists",
+                         hint=f"choose another path; a {what} is never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's or a folder's entry to disk (a folder after a rename inside it)."""
     fd = os.open(path, os.O_RDONLY)

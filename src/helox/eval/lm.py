@@ -209,13 +209,12 @@ def load_language_model(path: Path, ema: bool = False, device: str = "cpu",
         return _load_hf(path, device, batch_size)
     from helox.data.tokenizer import eos_id
     from helox.train.checkpoint import (EMA_WEIGHTS, MODEL_WEIGHTS, load_trained_model,
-                                        newest_valid_checkpoint)
+                                        resolve_checkpoint)
 
     if not path.exists():
         raise HeloxError(f"{path} does not exist", hint="pass a run folder, one of its "
                          "checkpoint folders, or a Hugging Face model folder")
-    checkpoint = path if (path / MODEL_WEIGHTS).is_file() else newest_valid_checkpoint(path,
-                                                                                      warn)
+    checkpoint = resolve_checkpoint(path, warn)
     model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
     model.to(device)
     weights = checkpoint / (EMA_WEIGHTS if ema else MODEL_WEIGHTS)

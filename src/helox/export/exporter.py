@@ -26,10 +26,14 @@ class Exported:
     details: dict
 
 
+def exports_folder(checkpoint: Path, ema: bool) -> Path:
+    """RUN_DIR/exports/<checkpoint>[-ema]: a checkpoint's exports and their parity report."""
+    return checkpoint.parent.parent / "exports" / (checkpoint.name + ("-ema" if ema else ""))
+
+
 def default_out(source: ExportSource, fmt: str, gguf_type: str) -> Path:
-    """RUN_DIR/exports/<checkpoint>[-ema]/{hf/, model.onnx, model-<type>.gguf}."""
-    run_dir = source.checkpoint.parent.parent
-    folder = run_dir / "exports" / (source.checkpoint.name + ("-ema" if source.ema else ""))
+    """exports_folder/{hf/, model.onnx, model.engine, model-<type>.gguf}."""
+    folder = exports_folder(source.checkpoint, source.ema)
     return folder / {"hf": "hf", "onnx": "model.onnx", "tensorrt": "model.engine",
                      "gguf": f"model-{gguf_type.lower()}.gguf"}[fmt]
 

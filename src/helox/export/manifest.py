@@ -24,7 +24,7 @@ from typing import Callable
 from helox.errors import HeloxError
 from helox.export.provenance import (METADATA_PREFIX, StoredTensor, safetensors_metadata,
                                      safetensors_stored_tensors, weights_fingerprint)
-from helox.fileio import sha256_file
+from helox.fileio import sha256_file, write_private
 
 FOLDER_MANIFEST = "helox-manifest.json"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -113,17 +113,10 @@ def generate_key(path: Path) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    path = Path(path).expanduser()
-    if path.exists():
-        raise HeloxError(f"{path} exists", hint="choose another path; a key is never "
-                                                 "overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    path = write_private(path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), "key")
     public = public_key_path(path)
     public.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))

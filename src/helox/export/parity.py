@@ -195,12 +195,13 @@ def batched_logits(model: torch.nn.Module, pad_id: int) -> Logits:
 def train_mode_logits(model: torch.nn.Module) -> Logits:
     """The forward in train mode (no gradient): with no dropout in the model it must equal
     eval mode; a module that behaves differently in training would show here."""
+    forward = helox_logits(model)
+
     def run(prompts_ids):
         was_training = model.training
         model.train()
         try:
-            with torch.no_grad():
-                return [model(torch.tensor([ids]))[0].float().numpy() for ids in prompts_ids]
+            return forward(prompts_ids)
         finally:
             model.train(was_training)
     return run

@@ -83,13 +83,11 @@ def training_metadata(source: ExportSource) -> dict[str, str]:
 def parent_fingerprint(init_from: Path | None) -> str:
     """The model fingerprint of the checkpoint a run started from (train.init_from), when it
     is still there; "" otherwise."""
-    from helox.train.checkpoint import MODEL_WEIGHTS, load_trained_model, newest_valid_checkpoint
+    from helox.train.checkpoint import load_trained_model, resolve_checkpoint
 
     if init_from is None or not Path(init_from).exists():
         return ""
-    path = Path(init_from)
-    checkpoint = path if (path / MODEL_WEIGHTS).is_file() else newest_valid_checkpoint(
-        path, warn=lambda message: None)
+    checkpoint = resolve_checkpoint(init_from, warn=lambda message: None)
     return model_fingerprint(load_trained_model(checkpoint)[0])
 
 

@@ -12,9 +12,8 @@ from tokenizers import Tokenizer
 
 from helox.config import RunConfig
 from helox.data.tokenizer import eos_id
-from helox.errors import HeloxError
 from helox.model.llama import Llama
-from helox.train.checkpoint import MODEL_WEIGHTS, load_trained_model, newest_valid_checkpoint
+from helox.train.checkpoint import load_trained_model, resolve_checkpoint
 
 
 @dataclass
@@ -47,11 +46,7 @@ class ExportSource:
 def load_export_source(path: Path, ema: bool = False,
                        warn=lambda message: None) -> ExportSource:
     """A run folder (its newest valid checkpoint) or one checkpoint folder."""
-    path = Path(path)
-    if not path.exists():
-        raise HeloxError(f"{path} does not exist",
-                         hint="pass a run folder or one of its checkpoint folders")
-    checkpoint = path if (path / MODEL_WEIGHTS).is_file() else newest_valid_checkpoint(path, warn)
+    checkpoint = resolve_checkpoint(path, warn)
     model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
     model.float().eval()
     run_info = json.loads((checkpoint / "run.json").read_text())

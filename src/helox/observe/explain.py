@@ -235,10 +235,10 @@ def explain_run(run_dir: Path, prompt: str, out_dir: Path | None = None, *, top_
     """Explain `prompt` with a run's newest valid checkpoint (or one checkpoint folder) and
     write the PNGs, JSON and HTML page into `out_dir`; returns that folder."""
     from helox.data.tokenizer import eos_id
-    from helox.train.checkpoint import load_trained_model
+    from helox.train.checkpoint import load_trained_model, resolve_checkpoint
 
     _check_prompt(prompt)  # before loading anything
-    checkpoint = _checkpoint_folder(Path(run_dir), warn)
+    checkpoint = resolve_checkpoint(Path(run_dir), warn)
     model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
     stop_id = eos_id(tokenizer, config.tokenizer.eos_token, checkpoint / "tokenizer.json")
     token_ids = prompt_token_ids(tokenizer, prompt, stop_id,
@@ -256,18 +256,6 @@ def explain_run(run_dir: Path, prompt: str, out_dir: Path | None = None, *, top_
     page = explain_page(explanation, texts, prompt, source)
     (folder / "explain.html").write_text(page.render(), encoding="utf-8")
     return folder
-
-
-def _checkpoint_folder(run_dir: Path, warn: Callable[[str], None]) -> Path:
-    from helox.train.checkpoint import MODEL_WEIGHTS, newest_valid_checkpoint
-
-    if (run_dir / MODEL_WEIGHTS).is_file():
-        return run_dir
-    if not run_dir.is_dir():
-        raise HeloxError(f"{run_dir} does not exist",
-                         hint="pass a run folder (e.g. workspace/runs/quickstart) or one of its "
-                              "checkpoint folders (RUN_DIR/checkpoints/step-…)")
-    return newest_valid_checkpoint(run_dir, warn)
 
 
 def default_out_dir(checkpoint: Path, prompt: str, ema: bool) -> Path:

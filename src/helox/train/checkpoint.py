@@ -448,6 +448,18 @@ def remove_stale_temporaries(run_dir: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
+def resolve_checkpoint(path: Path, warn: Callable[[str], None]) -> Path:
+    """A checkpoint folder as given, or a run folder's newest valid checkpoint."""
+    path = Path(path)
+    if (path / MODEL_WEIGHTS).is_file():
+        return path
+    if not path.is_dir():
+        raise HeloxError(f"{path} does not exist",
+                         hint="pass a run folder (e.g. workspace/runs/quickstart) or one of its "
+                              "checkpoint folders (RUN_DIR/checkpoints/step-…)")
+    return newest_valid_checkpoint(path, warn)
+
+
 def newest_valid_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Path:
     restored = load_newest_valid(run_dir, warn)
     if restored is None:

@@ -529,8 +529,7 @@ class Trainer:
     def warm_start(self, source: Path) -> None:
         """Matching weights (and optimizer states) of another run's checkpoint; the report
         says what was loaded, what stayed fresh and why, and what the checkpoint had extra."""
-        path = source if (source / "model.safetensors").is_file() else \
-            ckpt.newest_valid_checkpoint(source, warn=self.warn)
+        path = ckpt.resolve_checkpoint(source, warn=self.warn)
         problem = ckpt.verify_checkpoint(path)
         if problem:
             raise HeloxError(f"train.init_from: {path} is not a valid checkpoint: {problem}",

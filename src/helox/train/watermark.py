@@ -41,7 +41,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +56,7 @@ from torch import nn
 from helox.config import MIN_SECRET_BYTES, WatermarkConfig
 from helox.configbase import StrictModel
 from helox.errors import HeloxError
+from helox.fileio import write_private
 from helox.train.step import AUTOCAST_DTYPES, LossFn
 
 if TYPE_CHECKING:
@@ -95,15 +95,7 @@ def read_secret(path: Path) -> bytes:
 
 def new_secret(path: Path) -> Path:
     """Write a new secret (64 hex digits, mode 0600) at `path`; never overwrites one."""
-    path = Path(path).expanduser()
-    if path.exists():
-        raise HeloxError(f"{path} exists", hint="choose another path; a secret is never "
-                                                "overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return path
+    return write_private(path, (secrets.token_hex(32) + "\n").encode(), "secret")
 
 
 def key_id(secret: bytes) -> str:
