@@ -70,7 +70,7 @@ def build_corpus(args: argparse.Namespace) -> PlantedCorpus:
 
 
 def step_configs(eval_path: Path) -> list[StepConfig]:
-    """Every step but semantic_dedup, in the order of recipes/quickstart.yaml, with the
+    """Every step but semantic_dedup, in the order of the quickstart recipe, with the
     thresholds used there (semantic_dedup runs on a subset)."""
     return [NormalizeConfig(), QualityConfig(min_words=20, min_alpha_word_fraction=0.7),
             PiiConfig(), SecretsConfig(),

@@ -1,9 +1,9 @@
 """Throughput of the streaming loader alone, against the skeleton model's training consumption
 measured in the same run, and the time a real training loop spends waiting on data.
 
-The data is the quickstart recipe's dataset (recipes/quickstart.yaml, prepared into a fresh
-workspace, ~20 s here, or into --workspace, where it is cached while the data code is unchanged);
-the shape is the recipe's: blocks of 256 tokens, micro-batch 16 (4,096 tokens per step).
+The data is the quickstart recipe's dataset (src/helox/recipes/quickstart.yaml, prepared into
+a fresh workspace, ~20 s here, or into --workspace, where it is cached while the data code is
+unchanged); the shape is the recipe's: blocks of 256 tokens, micro-batch 16 (4,096 tokens per step).
 
 What is measured, in one process, the model and loader variants interleaved over `--rounds`
 (each variant's result is its median over the rounds):
@@ -59,7 +59,7 @@ from helox.data.shards import DatasetVersion
 from helox.model.llama import Llama
 from helox.repro import seed_everything
 from helox.testing.tiny import QUICKSTART
-from helox.train.loop import micro_rows, resolve_vocab_size
+from helox.train.setup import micro_rows, resolve_vocab_size
 from helox.train.step import compiled, make_loss_fn, pick_precision, train_step
 from helox.train.optim import build_optimizer, lr_at, set_lr
 

@@ -1,6 +1,6 @@
 """Passkey recall by context length and needle depth of small models trained on the synthetic
 passkey task: the measurement behind tests/eval/test_recall.py and the thresholds of
-evals/long-context/suite.yaml.
+src/helox/evals/long-context/suite.yaml.
 
 Every setup trains through Helox's own stack (prepare_dataset, train) on passkey documents in
 `make_probe`'s format (one needle, 10-digit values; synthetic.local_window_tokens 1, so a
@@ -14,8 +14,8 @@ Setups:
   longer than the 128-token context, so cut from the left).
 - `long`: that run, then a second one started from its weights (train.init_from, with its
   tokenizer) with a 256-token context on documents of 10, 40 and 100 noise words (~37, ~75 and
-  ~180 tokens) for 2000 steps. Both scored on the shipped suite evals/long-context/suite.yaml,
-  whose thresholds come from this run.
+  ~180 tokens) for 2000 steps. Both scored on the shipped suite
+  src/helox/evals/long-context/suite.yaml, whose thresholds come from this run.
 
 Measured with train.seed 7 (the suite's items, 20 per cell):
 - `long` stage 1 (short documents only), step 2000: recall 0.88 at 10 words, 0.28 at 25, 0.09
@@ -23,7 +23,7 @@ Measured with train.seed 7 (the suite's items, 20 per cell):
   the training documents did.
 - `long` stage 2, every checkpoint (steps 400-2000): overall 0.93-0.985, the farthest cell
   (100 words, depth 0) 0.65-0.95. Step 2000: every cell 0.9-1.0, overall 0.985 [0.973, 0.995].
-- recipes/mixture.yaml's model (step 420): 0 in every cell. It sees ~90k tokens of passkey
+- The bundled mixture recipe's model (step 420): 0 in every cell. It sees ~90k tokens of passkey
   documents (injected at 10% from step 200), far fewer than the ~1M this model needs.
 
 The plateau. Recall stays at exactly 0 for ~1000 steps (~1M tokens), then rises to ~0.9
@@ -123,7 +123,7 @@ SETUPS = {
     "test": Setup([SHORT], recall_test_grid(),
                   "tests/eval/test_recall.py's run is this one with train.seed 7, to step 1600"),
     "long": Setup([SHORT, LONG], "long-context",
-                  "the model of evals/long-context/suite.yaml's thresholds (train.seed 7)"),
+                  "the model of the long-context suite's thresholds (train.seed 7)"),
 }
 
 def parse_args() -> argparse.Namespace:

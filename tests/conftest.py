@@ -1,17 +1,12 @@
 import pytest
-import torch
 
 from helox.data.prepare import prepare_dataset
 from helox.testing.tiny import CORPUS, tiny_config, tiny_mixed_config
 
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+# helox.testing.skips: `gpu` tests skip without CUDA; a skip for any other reason fails a
+# HELOX_STRICT_SKIPS=1 run (CI) and is named loudly at the end of any other.
+# pytester: tests/testing/test_skips.py runs inner pytest sessions.
+pytest_plugins = ["pytester", "helox.testing.skips"]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,17 @@
-"""The `helox` command. Each subcommand is a thin shell around one library function."""
+"""The `helox` command. Each subcommand is a thin shell around one library function.
+
+Results go to stdout (with `--json`, as one JSON document); progress, warnings and errors go
+to stderr, so `helox eval MODEL --json | jq` works. MODEL is always the same argument: a run
+folder (its newest valid checkpoint), one checkpoint folder, or, where a command reads them,
+an exported Hugging Face folder.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -16,41 +23,78 @@ if TYPE_CHECKING:
     from helox.config import RunConfig
 
 app = typer.Typer(
-    help="Helox: raw text to a trained, resumable, Hugging Face-compatible model.\n\n"
-         "Example: helox run recipes/quickstart.yaml",
+    help="Helox: raw text to a trained, evaluated, exported model.\n\n"
+         "Example: helox run quickstart",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
     add_completion=False,
 )
 data_app = typer.Typer(help="Build, inspect, verify and govern datasets (access and audit)."
-                            "\n\nExample: helox data prepare recipes/quickstart.yaml",
+                            "\n\nExample: helox data prepare quickstart",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+provenance_app = typer.Typer(help="Signing keys, and checks of exported artifacts.\n\n"
+                                  "Example: helox provenance verify RUN_DIR/exports/"
+                                  "step-00000420/hf", no_args_is_help=True)
+app.add_typer(provenance_app, name="provenance")
 
+out = Console(soft_wrap=True)
+"""Results: stdout."""
 console = Console(stderr=True)
+"""Progress, warnings and errors: stderr."""
 
-RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml")]
+RecipeArg = Annotated[Path, typer.Argument(
+    help="A YAML recipe file, or the name of a bundled one (quickstart, mixture).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a config value, e.g. --set train.max_steps=50 (repeatable).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option(
     help="Run folder (default: <workspace>/runs/<name>). Holding checkpoints, it is resumed.")]
+ModelArg = Annotated[Path, typer.Argument(
+    metavar="MODEL", help="A run folder (its newest valid checkpoint) or one checkpoint folder.")]
+AnyModelArg = Annotated[Path, typer.Argument(
+    metavar="MODEL", help="A run folder (its newest valid checkpoint), one checkpoint folder, "
+                          "or an exported Hugging Face folder.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the result as one JSON document on stdout (progress and warnings "
+                   "stay on stderr).")]
+EmaOpt = Annotated[bool, typer.Option(help="Use the weights' moving average (runs trained "
+                                            "with train.ema_decay).")]
 
 
-def _load(recipe: Path, sets: list[str] | None):
-    from helox.config import load_config
+def _emit(as_json: bool, record: Any, show: Callable[[], None]) -> None:
+    """The result: as JSON, or as `show` prints it for people."""
+    if as_json:
+        print(json.dumps(record, indent=1, default=str, allow_nan=True))
+    else:
+        show()
+
+
+def _warn(message: str) -> None:
+    console.print("[yellow]warning:[/]", escape(message))
+
+
+def _load(recipe: Path, sets: list[str] | None) -> RunConfig:
+    from helox.api import load_config
 
     return load_config(recipe, sets or [])
 
 
 @app.command()
-def run(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None) -> None:
+def run(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
+        as_json: JsonOpt = False) -> None:
     """Run the whole job: prepare data, train (resuming if possible), sample, print artifacts.
 
-    Example: helox run recipes/quickstart.yaml --set train.max_steps=200
+    Example: helox run quickstart --set train.max_steps=200
     """
-    from helox.run import default_run_dir, run_recipe
+    from helox.run import default_run_dir, print_summary, run_recipe
 
     config = _load(recipe, set_)
-    run_recipe(config, run_dir or default_run_dir(config), console)
+    summary = run_recipe(config, run_dir or default_run_dir(config), console)
+    if summary is not None:  # None: stopped by a signal after a checkpoint
+        _emit(as_json, summary.as_dict(), lambda: print_summary(out, summary))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
 
 
 WorkspaceOpt = Annotated[Path, typer.Option(
@@ -58,32 +102,43 @@ WorkspaceOpt = Annotated[Path, typer.Option(
 VersionArg = Annotated[str, typer.Argument(help="Dataset version id (or a unique prefix).")]
 
 
+def _dataset_record(dataset) -> dict:
+    return {"version": dataset.version, "name": dataset.name, "path": dataset.path,
+            "splits": dataset.manifest["splits"], "lineage": dataset.lineage,
+            "report": dataset.report}
+
+
 @data_app.command("prepare")
 def data_prepare(recipe: RecipeArg, set_: SetOpt = None,
                  workers: Annotated[Optional[int], typer.Option(
                      min=1, help="Processes for the per-document steps (data.num_workers); "
-                                 "the dataset is the same for any number.")] = None) -> None:
+                                 "the dataset is the same for any number.")] = None,
+                 as_json: JsonOpt = False) -> None:
     """Read, clean (data.pipeline), tokenize and shard the recipe's sources; print the report
     and the dataset version.
 
     Trains the BPE tokenizer unless tokenizer.path names one. Prepared versions are cached by
     their inputs, so running it twice builds once.
 
-    Example: helox data prepare recipes/quickstart.yaml --workers 2
+    Example: helox data prepare quickstart --workers 2
     """
     from helox.data.report import print_report
     from helox.run import prepare_with_progress
 
     overrides = (set_ or []) + ([f"data.num_workers={workers}"] if workers else [])
     dataset = prepare_with_progress(_load(recipe, overrides), console)
-    print_report(console, dataset)
-    print(dataset.version)
+
+    def show() -> None:
+        print_report(out, dataset)
+        print(dataset.version)
+    _emit(as_json, _dataset_record(dataset), show)
 
 
 @data_app.command("log")
 def data_log(workspace: WorkspaceOpt = Path("workspace"),
              name: Annotated[Optional[str], typer.Option(
-                 help="Only versions of this dataset name.")] = None) -> None:
+                 help="Only versions of this dataset name.")] = None,
+             as_json: JsonOpt = False) -> None:
     """List the dataset versions of a workspace, newest first, with parents and state.
 
     Example: helox data log --workspace workspace
@@ -94,11 +149,16 @@ def data_log(workspace: WorkspaceOpt = Path("workspace"),
     root = versions.datasets_root(workspace)
     found = [d for d in versions.all_versions(root) if name is None or d.name == name]
     heads = {d.name: versions.head(root, d.name) for d in found}
-    print("\n".join(log_lines(found, heads)) if found else f"no dataset versions in {root}")
+    record = [{"version": d.version, "name": d.name, "path": d.path,
+               "head": heads[d.name] == d.version, "parents": d.lineage.get("parents") or [],
+               "created_at": d.lineage.get("created_at")} for d in found]
+    _emit(as_json, record, lambda: print("\n".join(log_lines(found, heads)) if found
+                                         else f"no dataset versions in {root}"))
 
 
 @data_app.command("show")
-def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
+def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace"),
+              as_json: JsonOpt = False) -> None:
     """Print a version's lineage (parents, sources, pipeline) and its step statistics.
 
     Example: helox data show 2ba51aa8
@@ -106,11 +166,13 @@ def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) 
     from helox.data import versions
     from helox.data.report import print_show
 
-    print_show(console, versions.resolve(versions.datasets_root(workspace), version))
+    dataset = versions.resolve(versions.datasets_root(workspace), version)
+    _emit(as_json, _dataset_record(dataset), lambda: print_show(out, dataset))
 
 
 @data_app.command("verify")
-def data_verify(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")) -> None:
+def data_verify(version: VersionArg, workspace: WorkspaceOpt = Path("workspace"),
+                as_json: JsonOpt = False) -> None:
     """Re-checksum every shard of a version; quarantine corrupted ones and say how to roll back.
 
     Exits 1 when a file is corrupted. Example: helox data verify 2ba51aa8
@@ -121,10 +183,14 @@ def data_verify(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")
     dataset = versions.resolve(root, version)
     bad = dataset.verify()
     if not bad:
-        console.print(f"dataset {dataset.version}: every shard and the tokenizer match the "
-                      "manifest")
+        _emit(as_json, {"version": dataset.version, "ok": True, "corrupted": []},
+              lambda: out.print(f"dataset {dataset.version}: every shard and the tokenizer "
+                                "match the manifest"))
         return
     report = versions.quarantine(root, dataset, bad)
+    if as_json:
+        _emit(True, {"version": dataset.version, "ok": False, "corrupted": bad,
+                     "moved_to": report.moved_to, "parent": report.parent}, lambda: None)
     raise HeloxError(f"dataset {dataset.version}: {len(bad)} corrupted file(s): "
                      f"{', '.join(bad)}; moved to {report.moved_to} (quarantined)",
                      hint=versions.rollback_hint({"parent": report.parent}))
@@ -142,14 +208,17 @@ def _permissions(read: bool, write: bool) -> list[str]:
     return [p for p, on in (("read", read), ("write", write)) if on]
 
 
-def _print_acl(name: str, acl) -> None:
+def _emit_acl(as_json: bool, name: str, acl) -> None:
     grants = ", ".join(f"{p}: {'+'.join(perms)}" for p, perms in sorted(acl.grants.items()))
-    console.print(f"{name}: owner {acl.owner}; grants: {grants or 'none'}", markup=False)
+    _emit(as_json, {"name": name, "owner": acl.owner, "grants": acl.grants},
+          lambda: out.print(f"{name}: owner {acl.owner}; grants: {grants or 'none'}",
+                            markup=False))
 
 
 @data_app.command("grant")
 def data_grant(name: NameArg, principal: PrincipalArg, read: ReadOpt = False,
-               write: WriteOpt = False, workspace: WorkspaceOpt = Path("workspace")) -> None:
+               write: WriteOpt = False, workspace: WorkspaceOpt = Path("workspace"),
+               as_json: JsonOpt = False) -> None:
     """Give a principal read and/or write access to a dataset name (owner only; audited).
 
     You act as HELOX_PRINCIPAL (else your login name).
@@ -158,13 +227,14 @@ def data_grant(name: NameArg, principal: PrincipalArg, read: ReadOpt = False,
     from helox.data import access
 
     by = access.resolve_principal(None)
-    _print_acl(name, access.grant(access.governance_dir(workspace), name, principal,
-                                  _permissions(read, write), by))
+    _emit_acl(as_json, name, access.grant(access.governance_dir(workspace), name, principal,
+                                          _permissions(read, write), by))
 
 
 @data_app.command("revoke")
 def data_revoke(name: NameArg, principal: PrincipalArg, read: ReadOpt = False,
-                write: WriteOpt = False, workspace: WorkspaceOpt = Path("workspace")) -> None:
+                write: WriteOpt = False, workspace: WorkspaceOpt = Path("workspace"),
+                as_json: JsonOpt = False) -> None:
     """Take read and/or write access away from a principal (owner only; audited).
 
     Example: helox data revoke quickstart bob --read --write
@@ -172,14 +242,15 @@ def data_revoke(name: NameArg, principal: PrincipalArg, read: ReadOpt = False,
     from helox.data import access
 
     by = access.resolve_principal(None)
-    _print_acl(name, access.revoke(access.governance_dir(workspace), name, principal,
-                                   _permissions(read, write), by))
+    _emit_acl(as_json, name, access.revoke(access.governance_dir(workspace), name, principal,
+                                           _permissions(read, write), by))
 
 
 @data_app.command("transfer")
 def data_transfer(name: NameArg, new_owner: Annotated[str, typer.Argument(
                       help="The principal who becomes the owner.")],
-                  workspace: WorkspaceOpt = Path("workspace")) -> None:
+                  workspace: WorkspaceOpt = Path("workspace"), as_json: JsonOpt = False,
+                  ) -> None:
     """Hand a dataset name to a new owner (owner only; you keep no access unless granted).
 
     Example: helox data transfer quickstart carol
@@ -187,8 +258,8 @@ def data_transfer(name: NameArg, new_owner: Annotated[str, typer.Argument(
     from helox.data import access
 
     by = access.resolve_principal(None)
-    _print_acl(name, access.transfer_owner(access.governance_dir(workspace), name, new_owner,
-                                           by))
+    _emit_acl(as_json, name, access.transfer_owner(access.governance_dir(workspace), name,
+                                                   new_owner, by))
 
 
 @data_app.command("audit")
@@ -199,7 +270,8 @@ def data_audit(workspace: WorkspaceOpt = Path("workspace"),
                dataset: Annotated[Optional[str], typer.Option(help="Only this dataset name.")
                                   ] = None,
                principal: Annotated[Optional[str], typer.Option(
-                   help="Only entries by or about this principal.")] = None) -> None:
+                   help="Only entries by or about this principal.")] = None,
+               as_json: JsonOpt = False) -> None:
     """Print the audit log of dataset access (reads, writes, grants, denials) or verify it.
 
     Example: helox data audit --verify
@@ -213,12 +285,23 @@ def data_audit(workspace: WorkspaceOpt = Path("workspace"),
             raise HeloxError(f"the audit log {log.path} was tampered with or damaged:\n{report}",
                              hint="restore governance/ from a backup; the lines above say "
                                   "which entries differ")
-        console.print(f"audit log intact: {report.num_entries} entries, chain and anchor match")
+        _emit(as_json, {"ok": True, "entries": report.num_entries},
+              lambda: out.print(f"audit log intact: {report.num_entries} entries, chain and "
+                                "anchor match"))
         return
-    for entry in log.entries(dataset=dataset, principal=principal):
-        details = " ".join(f"{k}={v}" for k, v in sorted(entry["details"].items()))
-        print(f"{entry['seq']:>6} {entry['time'][:19]} {entry['principal']:<16} "
-              f"{entry['action']:<8} {entry['dataset']} {entry['version'] or '-'} {details}")
+    entries = list(log.entries(dataset=dataset, principal=principal))
+
+    def show() -> None:
+        for entry in entries:
+            details = " ".join(f"{k}={v}" for k, v in sorted(entry["details"].items()))
+            print(f"{entry['seq']:>6} {entry['time'][:19]} {entry['principal']:<16} "
+                  f"{entry['action']:<8} {entry['dataset']} {entry['version'] or '-'} "
+                  f"{details}")
+    _emit(as_json, entries, show)
+
+
+# ---------------------------------------------------------------------------------------------
+# training and looking at a run
 
 
 @app.command("train")
@@ -231,11 +314,13 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
                                     "(train.precision, train.fp32_modules) and activation "
                                     "checkpointing, and the memory of weights and optimizer "
                                     "state; do not train.")] = False,
-              ) -> None:
+              as_json: JsonOpt = False) -> None:
     """Train a model from a recipe; resumes from the newest valid checkpoint in the run folder.
 
-    Example: helox train recipes/quickstart.yaml --run-dir workspace/runs/qs --set optim.lr=1e-3
+    Example: helox train quickstart --run-dir workspace/runs/qs --set optim.lr=1e-3
     """
+    from dataclasses import asdict
+
     from helox.run import default_run_dir, prepare_with_progress
     from helox.train.loop import train
 
@@ -245,52 +330,51 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
         return
     dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
-    console.print(f"step {result.step}: checkpoint {result.checkpoint}")
+    _emit(as_json, asdict(result),
+          lambda: out.print(f"step {result.step}: checkpoint {result.checkpoint}"))
 
 
 def _dry_run(config: RunConfig) -> None:
     from helox.run import prepare_with_progress
-    from helox.train.loop import pick_device, resolve_vocab_size
     from helox.train.precision import print_plan
+    from helox.train.setup import pick_device, resolve_vocab_size
     from helox.train.step import pick_precision
 
     if config.model.vocab_size is None:  # the tokenizer decides it, as in training
         config = resolve_vocab_size(config, prepare_with_progress(config, console, "train"))
     device = pick_device(config.train.device)
-    print_plan(Console(), config, device, pick_precision(config.train.precision, device))
+    print_plan(out, config, device, pick_precision(config.train.precision, device))
 
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder or one checkpoint folder.")],
+    model: ModelArg,
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="Sample among the top k.")] = 40,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    ema: Annotated[bool, typer.Option(help="Use the weights' moving average "
-                                           "(runs trained with train.ema_decay).")] = False,
+    ema: EmaOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Continue a prompt with the newest valid checkpoint of a run.
+    """Continue a prompt with a trained model.
 
     Example: helox generate workspace/runs/quickstart --prompt "ROMEO." --max-new-tokens 40
     """
-    from helox.model.generate import complete
-    from helox.train.checkpoint import load_trained_model, resolve_checkpoint
+    from helox.api import load_trained_model
 
-    path = resolve_checkpoint(run_dir, warn=lambda m: console.print("[yellow]warning:[/]",
-                                                                    escape(m)))
-    model, tokenizer, config = load_trained_model(path, ema=ema)
-    stop_id = tokenizer.token_to_id(config.tokenizer.eos_token)
-    text = complete(model, tokenizer, prompt, stop_id, max_new_tokens, temperature, top_k, seed)
-    print(prompt + text)
+    trained = load_trained_model(model, ema=ema, warn=_warn)
+    text = trained.complete(prompt, max_new_tokens, temperature, top_k, seed)
+    _emit(as_json, {"checkpoint": trained.checkpoint, "ema": ema, "prompt": prompt,
+                    "completion": text}, lambda: print(prompt + text))
 
 
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (holds metrics.jsonl).")],
-    out: Annotated[Optional[Path], typer.Option(
-        help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="HTML file to write (default: RUN_DIR/report.html).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Write the run's dashboard: one self-contained HTML file (no network to view it).
 
@@ -301,19 +385,22 @@ def report(
     """
     from helox.observe.report import write_report
 
-    path = write_report(run_dir, out)
-    console.print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MiB; open it in a browser)")
+    path = write_report(run_dir, out_file)
+    size_mib = path.stat().st_size / 2**20
+    _emit(as_json, {"report": path, "size_mib": round(size_mib, 3)},
+          lambda: out.print(f"report: {path} ({size_mib:.1f} MiB; open it in a browser)"))
 
 
 @app.command()
 def explain(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder or one checkpoint folder.")],
+    model: ModelArg,
     prompt: Annotated[str, typer.Option(help="Text to explain.")],
-    out: Annotated[Optional[Path], typer.Option(
-        help="Folder to write (default: RUN_DIR/explain/<checkpoint>-<prompt hash>, "
-             "with -ema for --ema).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder to write (default: RUN_DIR/explain/<checkpoint>-<prompt hash>, "
+                      "with -ema for --ema).")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Tokens per cell of the logit lens.")] = 5,
-    ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
+    ema: EmaOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Attention maps per layer and head, and a logit lens (the top tokens each layer's
     residual stream predicts), as PNG files and one HTML page.
@@ -322,27 +409,33 @@ def explain(
     """
     from helox.observe.explain import explain_run
 
-    folder = explain_run(run_dir, prompt, out, top_k=top_k, ema=ema,
-                         warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
-    console.print(f"explanation: {folder} (open {folder / 'explain.html'})")
+    folder = explain_run(model, prompt, out_dir, top_k=top_k, ema=ema, warn=_warn)
+    _emit(as_json, {"folder": folder,
+                    **json.loads((folder / "explain.json").read_text(encoding="utf-8"))},
+          lambda: out.print(f"explanation: {folder} (open {folder / 'explain.html'})"))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
 
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder, or Hugging Face "
-                                               "model folder.")],
-    suite: Annotated[str, typer.Option(help="Suite name (a folder of evals/) or a suite.yaml "
-                                            "path.")] = "quickstart",
+    model: AnyModelArg,
+    suite: Annotated[str, typer.Option(help="A bundled suite's name (quickstart, "
+                                            "long-context) or a suite.yaml path.")
+                     ] = "quickstart",
     baseline: Annotated[Optional[str], typer.Option(
         help="Compare with this version's results (a version under RUN_DIR/evals/SUITE/, a "
              "unique prefix, or a results folder); a regression exits 1.")] = None,
-    ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
+    ema: EmaOpt = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
-    out: Annotated[Optional[Path], typer.Option(
-        help="Keep results under OUT/evals/ (default: the run or model folder).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Keep results under OUT/evals/ (default: the run or model folder).")
+    ] = None,
     lm_eval: Annotated[Optional[str], typer.Option(
         "--lm-eval", help="Run these lm-evaluation-harness tasks instead (comma-separated; "
-                          "local ones in evals/lm_eval/, e.g. helox_local).")] = None,
+                          "Helox's bundled local ones are helox_local).")] = None,
     limit: Annotated[Optional[int], typer.Option(
         min=1, help="--lm-eval: items per task at most.")] = None,
     privacy: Annotated[bool, typer.Option(
@@ -355,6 +448,7 @@ def eval_cmd(
     dataset: Annotated[Optional[Path], typer.Option(
         help="--privacy: the dataset version folder (for a Hugging Face model).")] = None,
     seed: Annotated[int, typer.Option(help="--privacy: sampling and bootstrap seed.")] = 0,
+    as_json: JsonOpt = False,
 ) -> None:
     """Score a model on an eval suite; exit 1 when a threshold fails or a metric regressed.
 
@@ -367,122 +461,150 @@ def eval_cmd(
     from helox.eval.runner import evaluate
 
     if lm_eval is not None:
-        _run_lm_eval(model, [t for t in lm_eval.split(",") if t], limit, batch_size, ema, out)
+        _run_lm_eval(model, [t for t in lm_eval.split(",") if t], limit, batch_size, ema,
+                     out_dir, as_json)
         return
     if privacy:
         _run_privacy(model, privacy_documents, privacy_max_tokens, dataset, seed, ema,
-                     batch_size, out)
+                     batch_size, out_dir, as_json)
         return
-
-    outcome = evaluate(model, suite, baseline, ema=ema, batch_size=batch_size, out=out,
-                       console=console,
-                       warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
-    print_outcome(console, outcome)
+    outcome = evaluate(model, suite, baseline, ema=ema, batch_size=batch_size, out=out_dir,
+                       console=console, warn=_warn)
+    record = {"passed": outcome.passed, "folder": outcome.folder,
+              "result": outcome.result.as_dict(), "baseline": outcome.baseline,
+              "regressions": [f"{c.task}.{c.metric}" for c in outcome.regressions]}
+    _emit(as_json, record, lambda: print_outcome(out, outcome))
     if not outcome.passed:
         raise typer.Exit(1)
 
 
 def _run_privacy(model: Path, documents: int, max_tokens: int, dataset: Path | None, seed: int,
-                 ema: bool, batch_size: int, out: Path | None) -> None:
-    import json
-
+                 ema: bool, batch_size: int, out_dir: Path | None, as_json: bool) -> None:
     from helox.eval.privacy import privacy_table, run_privacy
     from helox.eval.runner import results_root
 
     report = run_privacy(model, num_documents=documents, max_tokens=max_tokens, seed=seed,
-                         dataset=dataset, ema=ema, batch_size=batch_size,
-                         warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
-    console.print(privacy_table(report))
-    folder = (out or results_root(Path(report.source))) / "evals" / "privacy" / report.model
+                         dataset=dataset, ema=ema, batch_size=batch_size, warn=_warn)
+    folder = (out_dir or results_root(Path(report.source))) / "evals" / "privacy" / report.model
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "privacy.json").write_text(json.dumps(report.as_dict(), indent=1, allow_nan=True))
-    console.print(f"results: {folder / 'privacy.json'}")
+    path = folder / "privacy.json"
+    path.write_text(json.dumps(report.as_dict(), indent=1, allow_nan=True))
+
+    def show() -> None:
+        out.print(privacy_table(report))
+        out.print(f"results: {path}")
+    _emit(as_json, {"results": path, **report.as_dict()}, show)
 
 
 def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: int,
-                 ema: bool, out: Path | None) -> None:
+                 ema: bool, out_dir: Path | None, as_json: bool) -> None:
     from rich.table import Table
 
     from helox.eval.lm import load_language_model
     from helox.eval.lm_eval_adapter import lm_eval_rows, run_lm_eval, write_lm_eval_results
     from helox.eval.runner import results_root
 
-    lm = load_language_model(model, ema=ema, batch_size=batch_size,
-                             warn=lambda m: console.print("[yellow]warning:[/]", escape(m)))
+    lm = load_language_model(model, ema=ema, batch_size=batch_size, warn=_warn)
     results = run_lm_eval(lm, tasks, limit=limit, batch_size=batch_size)
-    table = Table(title=f"lm-eval · model {lm.version}", title_justify="left")
-    for column in ("task", "metric", "value", "stderr"):
-        table.add_column(column, justify="right" if column in ("value", "stderr") else "left")
-    for task, metric, value, stderr in lm_eval_rows(results):
-        table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"{stderr:.4f}")
-    console.print(table)
-    folder = write_lm_eval_results(results, out or results_root(Path(lm.source)), lm.version)
-    console.print(f"results: {folder / 'results.json'}")
+    folder = write_lm_eval_results(results, out_dir or results_root(Path(lm.source)),
+                                   lm.version)
+    rows = lm_eval_rows(results)
+
+    def show() -> None:
+        table = Table(title=f"lm-eval · model {lm.version}", title_justify="left")
+        for column in ("task", "metric", "value", "stderr"):
+            table.add_column(column, justify="right" if column in ("value", "stderr")
+                             else "left")
+        for task, metric, value, stderr in rows:
+            table.add_row(task, metric, f"{value:.4f}",
+                          "" if stderr is None else f"{stderr:.4f}")
+        out.print(table)
+        out.print(f"results: {folder / 'results.json'}")
+    _emit(as_json, {"results": folder / "results.json", "model": lm.version,
+                    "metrics": [dict(zip(("task", "metric", "value", "stderr"), row))
+                                for row in rows]}, show)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+FormatOpt = Annotated[str, typer.Option(
+    "--format", help="hf, onnx, gguf, or tensorrt (an engine built from the ONNX; needs "
+                     "TensorRT and an NVIDIA GPU).")]
+TypeOpt = Annotated[str, typer.Option(
+    "--type", help="gguf: tensor type of the weight matrices: F32, F16, Q8_0 or Q4_0.")]
+KeyOpt = Annotated[Optional[Path], typer.Option(
+    help="Ed25519 private key to sign the manifest (default: $HELOX_SIGNING_KEY, else "
+         "~/.config/helox/signing-key.pem, created on first use).")]
 
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Argument(help="Run folder (its newest valid checkpoint) or "
-                                               "one checkpoint folder.")],
-    format_: Annotated[str, typer.Option(
-        "--format", help="hf, onnx, gguf, or tensorrt (an engine built from the ONNX; needs "
-                         "TensorRT and an NVIDIA GPU).")] = "hf",
-    out: Annotated[Optional[Path], typer.Option(
-        help="Folder (hf) or file to write (default: RUN_DIR/exports/<checkpoint>/...).")
-    ] = None,
-    gguf_type: Annotated[str, typer.Option(
-        "--type", help="gguf: tensor type of the weight matrices: F32, F16, Q8_0 or Q4_0.")
-    ] = "F16",
-    ema: Annotated[bool, typer.Option(help="Export the weights' moving average.")] = False,
+    model: ModelArg,
+    format_: FormatOpt = "hf",
+    gguf_type: TypeOpt = "F16",
+    out_path: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder (hf) or file to write (default: "
+                      "RUN_DIR/exports/<checkpoint>/...).")] = None,
+    ema: EmaOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    key: Annotated[Optional[Path], typer.Option(
-        help="Ed25519 private key to sign the manifest (default: $HELOX_SIGNING_KEY, else "
-             "~/.config/helox/signing-key.pem, created on first use).")] = None,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export a trained model: a Hugging Face folder (transformers), ONNX (onnxruntime) or
     GGUF (llama.cpp), with the training metadata embedded and a signed manifest.
 
     Example: helox export workspace/runs/quickstart --format gguf --type Q8_0
     """
+    from dataclasses import asdict
+
     from helox.export.exporter import export_model
 
-    exported = export_model(model, format_, out, gguf_type=gguf_type, ema=ema,
+    exported = export_model(model, format_, out_path, gguf_type=gguf_type, ema=ema,
                             overwrite=overwrite, key=key, announce=console.print)
-    console.print(f"{exported.format}: {exported.artifact} ({exported.seconds:.1f} s)")
-    console.print(f"manifest: {exported.manifest} "
-                  f"(model fingerprint {exported.metadata['helox.model_fingerprint'][:16]}…)")
+
+    def show() -> None:
+        out.print(f"{exported.format}: {exported.artifact} ({exported.seconds:.1f} s)")
+        out.print(f"manifest: {exported.manifest} (model fingerprint "
+                  f"{exported.metadata['helox.model_fingerprint'][:16]}…)")
+    _emit(as_json, asdict(exported), show)
 
 
 @app.command()
 def parity(
-    model: Annotated[Path, typer.Argument(help="Run folder (its newest valid checkpoint) or "
-                                               "one checkpoint folder.")],
-    formats: Annotated[str, typer.Option(
-        help="Comma-separated: hf, onnx, gguf F32, gguf F16, gguf Q8_0, gguf Q4_0.")
-    ] = "hf,onnx,gguf F32,gguf F16,gguf Q8_0,gguf Q4_0",
-    out: Annotated[Optional[Path], typer.Option(
-        help="Keep the exports here (default: a temporary folder); parity.json is written "
-             "to OUT, else RUN_DIR/exports/<checkpoint>/parity.json.")] = None,
-    ema: Annotated[bool, typer.Option(help="Use the weights' moving average.")] = False,
+    model: ModelArg,
+    formats: Annotated[Optional[list[str]], typer.Option(
+        "--format", help="hf, onnx or gguf (repeatable; default all three).")] = None,
+    gguf_types: Annotated[Optional[list[str]], typer.Option(
+        "--type", help="gguf: F32, F16, Q8_0 or Q4_0 (repeatable; default all four).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Keep the exports here (default: a temporary folder); parity.json is "
+                      "written to OUT, else RUN_DIR/exports/<checkpoint>/parity.json.")] = None,
+    ema: EmaOpt = False,
     key: Annotated[Optional[Path], typer.Option(
         help="Signing key for the exports' manifests (as helox export).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export to every format, run each in its own runtime (transformers, onnxruntime,
     llama.cpp) on a fixed prompt set, and compare with the fp32 model: max |Δlogit|, mean KL,
     top-1 agreement, perplexity Δ, against per-format thresholds. Also train mode against
     eval mode and one sequence against a padded batch. Exit 1 when a threshold fails.
 
-    Example: helox parity workspace/runs/quickstart --formats "hf,onnx,gguf Q8_0"
+    Example: helox parity workspace/runs/quickstart --format hf --format gguf --type Q8_0
     """
     from helox.export.exporter import exports_folder
-    from helox.export.parity import parity_table, run_parity, write_report
+    from helox.export.parity import parity_names, parity_table, run_parity, write_report
 
-    chosen = [name.strip() for name in formats.split(",") if name.strip()]
-    report = run_parity(model, chosen, out=out, key=key, ema=ema,
+    report = run_parity(model, parity_names(formats, gguf_types), out=out_dir, key=key, ema=ema,
                         progress=lambda m: console.print(escape(m)))
-    Console().print(parity_table(report))
-    target = (out or exports_folder(Path(report.model), ema)) / "parity.json"
-    console.print(f"parity: {write_report(report, target)}")
+    target = write_report(report, (out_dir or exports_folder(Path(report.model), ema))
+                          / "parity.json")
+
+    def show() -> None:
+        out.print(parity_table(report))
+        out.print(f"parity: {target}")
+    _emit(as_json, {"report": target, **report.as_dict()}, show)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -491,32 +613,37 @@ def parity(
 def import_hf_cmd(
     source: Annotated[Path, typer.Argument(help="A transformers Llama folder, or a .gguf "
                                                 "file transformers reads.")],
-    out: Annotated[Path, typer.Option(help="Folder to write (a run folder with one "
-                                           "checkpoint and finetune.yaml).")],
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Folder to write (a run folder with one checkpoint and "
+                      "finetune.yaml).")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Turn a transformers Llama into a Helox checkpoint to fine-tune.
 
     Example: helox import-hf path/to/SmolLM2-135M --out workspace/imports/smollm2
     """
-    from helox.export.hf import import_hf
+    from helox.export.importing import FINETUNE_RECIPE, import_hf
 
     console.print(f"importing {source} (transformers reads it; a GGUF file is dequantized)")
-    checkpoint = import_hf(source, out, overwrite=overwrite)
-    console.print(f"checkpoint: {checkpoint}")
-    console.print(f"fine-tune: helox train {out / 'finetune.yaml'} (replace its data first)")
+    checkpoint = import_hf(source, out_dir, overwrite=overwrite)
+    recipe = out_dir / FINETUNE_RECIPE
+
+    def show() -> None:
+        out.print(f"checkpoint: {checkpoint}")
+        out.print(f"fine-tune: helox train {recipe} (replace its data first)")
+    _emit(as_json, {"checkpoint": checkpoint, "recipe": recipe}, show)
 
 
-provenance_app = typer.Typer(help="Signing keys, and checks of exported artifacts.\n\n"
-                                  "Example: helox provenance verify RUN_DIR/exports/"
-                                  "step-00000420/hf", no_args_is_help=True)
-app.add_typer(provenance_app, name="provenance")
+# ---------------------------------------------------------------------------------------------
+# provenance
 
 
 @provenance_app.command("keygen")
 def provenance_keygen(
-    out: Annotated[Path, typer.Option(help="Private key file to create (PEM); the public key "
-                                           "goes to OUT.pub.")],
+    key_out: Annotated[Path, typer.Option(
+        "--out", help="Private key file to create (PEM); the public key goes to OUT.pub.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Create an Ed25519 signing key pair for export manifests.
 
@@ -524,9 +651,10 @@ def provenance_keygen(
     """
     from helox.export.manifest import generate_key
 
-    public = generate_key(out)
-    console.print(f"private key: {out} (keep it secret)\npublic key: {public} (give it to "
-                  "verifiers)")
+    public = generate_key(key_out)
+    _emit(as_json, {"private_key": key_out, "public_key": public},
+          lambda: out.print(f"private key: {key_out} (keep it secret)\npublic key: {public} "
+                            "(give it to verifiers)"))
 
 
 @provenance_app.command("verify")
@@ -536,24 +664,31 @@ def provenance_verify(
     public_key: Annotated[Optional[Path], typer.Option(
         help="The signer's public key (.pub): without it the signature is checked against "
              "the key the manifest carries, which proves integrity, not who signed.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check an export: signature, file hashes, weights fingerprint, embedded metadata.
     Exit 1 when any check fails.
 
     Example: helox provenance verify model.gguf --public-key keys/helox.pem.pub
     """
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from helox.export.manifest import verify_artifact
 
     result = verify_artifact(artifact, public_key)
-    table = Table(title=f"provenance of {result.artifact}", title_justify="left")
-    for column in ("check", "result", "detail"):
-        table.add_column(column)
-    for check in result.checks:
-        table.add_row(check.name, "[green]ok[/]" if check.passed else "[red]FAILED[/]",
-                      escape(check.detail))
-    Console().print(table)
+
+    def show() -> None:
+        table = Table(title=f"provenance of {result.artifact}", title_justify="left")
+        for column in ("check", "result", "detail"):
+            table.add_column(column)
+        for check in result.checks:
+            table.add_row(check.name, "[green]ok[/]" if check.passed else "[red]FAILED[/]",
+                          escape(check.detail))
+        out.print(table)
+    _emit(as_json, {"artifact": result.artifact, "passed": result.passed,
+                    "checks": [asdict(check) for check in result.checks]}, show)
     if not result.passed:
         for check in result.failures():
             console.print(f"[bold red]failed:[/] {check.name}: {escape(check.detail)}")
@@ -562,7 +697,9 @@ def provenance_verify(
 
 @provenance_app.command("watermark-secret")
 def provenance_watermark_secret(
-    out: Annotated[Path, typer.Option(help="File to create (64 hex digits, mode 0600).")],
+    secret_out: Annotated[Path, typer.Option(
+        "--out", help="File to create (64 hex digits, mode 0600).")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Create a secret for the functional watermark (watermark.secret_file of a recipe).
 
@@ -570,14 +707,15 @@ def provenance_watermark_secret(
     """
     from helox.train.watermark import new_secret
 
-    console.print(f"watermark secret: {new_secret(out)} (keep it private; train with "
-                  "watermark.secret_file and an objective named watermark)")
+    path = new_secret(secret_out)
+    _emit(as_json, {"secret_file": path},
+          lambda: out.print(f"watermark secret: {path} (keep it private; train with "
+                            "watermark.secret_file and an objective named watermark)"))
 
 
 @provenance_app.command("detect")
 def provenance_detect(
-    model: Annotated[Path, typer.Argument(help="Run folder, checkpoint folder, or Hugging "
-                                               "Face model folder to test.")],
+    model: AnyModelArg,
     secret_file: Annotated[Path, typer.Option(help="The watermark's secret.")],
     card: Annotated[Optional[Path], typer.Option(
         help="The watermarked run's watermark.json (default: the one in MODEL; an exported or "
@@ -587,8 +725,9 @@ def provenance_detect(
     show_text: Annotated[bool, typer.Option(help="Show signatures and continuations.")] = False,
     expect: Annotated[Optional[str], typer.Option(
         help="detected or absent: exit 1 when the verdict differs (for CI).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option(
-        "--json", help="Write the full result here.")] = None,
+    result_out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Also write the full result (JSON) to this file.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Test a model, as a black box (greedy generation only), for the functional watermark
     trained with a secret: its trigger prompts must continue with their signatures, and its
@@ -597,17 +736,18 @@ def provenance_detect(
     Example: helox provenance detect RUN_DIR/exports/step-00000420/hf --secret-file
     keys/watermark.secret --card RUN_DIR/watermark.json
     """
-    import json
-
     from helox.train.watermark import detect_watermark_at, summary, table
 
     if expect not in (None, "detected", "absent"):
         raise typer.BadParameter("--expect takes detected or absent")
     detection = detect_watermark_at(model, secret_file, card, max_p_value=max_p_value)
-    Console().print(table(detection, show_text=show_text))
-    console.print(summary(detection), markup=False)
-    if json_out is not None:
-        json_out.write_text(json.dumps(detection.as_dict(), indent=1) + "\n")
+    if result_out is not None:
+        result_out.write_text(json.dumps(detection.as_dict(), indent=1) + "\n")
+
+    def show() -> None:
+        out.print(table(detection, show_text=show_text))
+        out.print(summary(detection), markup=False)
+    _emit(as_json, detection.as_dict(), show)
     if expect == "detected" and not detection.detected or \
             expect == "absent" and detection.verdict != "not_detected":
         raise typer.Exit(1)

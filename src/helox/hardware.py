@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 (see PERF.md)."""
+    """AVX512-BF16 or AMX: bf16 matmuls run several times faster than fp32 (bench/)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

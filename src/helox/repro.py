@@ -1,4 +1,4 @@
-"""Reproducibility (SPEC A): one call seeds everything; RNG states round-trip; run fingerprints."""
+"""Reproducibility: one call seeds everything; RNG states round-trip; run fingerprints."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helox.config import sha256_json
+from helox.fileio import sha256_json
 
 FINGERPRINT_LIBRARIES = ("torch", "numpy", "tokenizers", "safetensors", "pydantic", "helox")
 
@@ -81,7 +81,7 @@ def hardware() -> dict:
 
 
 def run_fingerprint(config_sha256: str, dataset_version: str) -> dict:
-    """What identifies a run (SPEC A): config, data, code, libraries, hardware, and their hash."""
+    """What identifies a run: config, data, code, libraries, hardware, and their hash."""
     parts = {
         "config_sha256": config_sha256,
         "dataset_version": dataset_version,

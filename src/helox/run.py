@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from helox.checkpoint import list_checkpoints, load_trained_model
 from helox.config import RunConfig
 from helox.data.prepare import prepare_dataset
 from helox.data.report import summary_line, synthetic_lines
 from helox.data.shards import DatasetVersion
-from helox.model.generate import complete
 from helox.observe.metrics import read_metrics
 from helox.observe.report import write_report
-from helox.train.checkpoint import list_checkpoints, load_trained_model
 from helox.train.loop import TrainResult, train
 
 
@@ -41,47 +41,69 @@ def prepare_with_progress(config: RunConfig, console: Console,
     return dataset
 
 
-def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> None:
+@dataclass
+class RunSummary:
+    """What `helox run` hands back: the dataset, the training result, the samples, and the
+    validation loss against the corpus's unigram entropy."""
+
+    dataset: DatasetVersion
+    result: TrainResult
+    samples: list[tuple[str, str]]
+    val_loss: float | None
+
+    @property
+    def unigram_entropy(self) -> float:
+        return self.dataset.manifest["stats"]["unigram_entropy_nats"]
+
+    def artifacts(self) -> list[tuple[str, str]]:
+        run_dir = self.result.run_dir
+        return [("dataset version", f"{self.dataset.version}  {self.dataset.path}"),
+                ("tokenizer", str(self.dataset.tokenizer_path)),
+                ("run folder", str(run_dir)),
+                *(("checkpoint", str(p)) for p in list_checkpoints(run_dir)),
+                ("metrics", str(run_dir / "metrics.jsonl")),
+                ("config", str(run_dir / "config.yaml")),
+                ("fingerprint", str(run_dir / "run.json")),
+                ("dashboard", str(run_dir / "report.html"))]
+
+    def as_dict(self) -> dict:
+        return {"dataset_version": self.dataset.version, "dataset": str(self.dataset.path),
+                "run_dir": str(self.result.run_dir), "step": self.result.step,
+                "checkpoints": [str(p) for p in list_checkpoints(self.result.run_dir)],
+                "val_loss": self.val_loss, "unigram_entropy": self.unigram_entropy,
+                "samples": [{"prompt": p, "completion": t} for p, t in self.samples]}
+
+
+def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> RunSummary | None:
+    """Prepare, train (or resume), write the dashboard and sample; None when a signal
+    stopped training (it is checkpointed, and the same command resumes)."""
     dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir, dataset, console=console)
-    if result.stopped_by:  # preempted: checkpointed, and the same command resumes
-        return
+    if result.stopped_by:
+        return None
     samples = sample_texts(result, config)
     write_report(result.run_dir)
-    print_summary(console, config, dataset, result, samples)
+    val_losses = [m["val_loss"] for m in read_metrics(result.run_dir / "metrics.jsonl")
+                  if "val_loss" in m]
+    return RunSummary(dataset, result, samples, val_losses[-1] if val_losses else None)
 
 
 def sample_texts(result: TrainResult, config: RunConfig) -> list[tuple[str, str]]:
-    checkpoint = list_checkpoints(result.run_dir)[0]
-    model, tokenizer, saved = load_trained_model(checkpoint)
-    eos = tokenizer.token_to_id(saved.tokenizer.eos_token)
+    trained = load_trained_model(list_checkpoints(result.run_dir)[0])
     sc = config.sample
-    return [(prompt, complete(model, tokenizer, prompt, eos, sc.max_new_tokens, sc.temperature,
-                              sc.top_k, seed=config.train.seed)) for prompt in sc.prompts]
+    return [(prompt, trained.complete(prompt, sc.max_new_tokens, sc.temperature, sc.top_k,
+                                      seed=config.train.seed)) for prompt in sc.prompts]
 
 
-def print_summary(console: Console, config: RunConfig, dataset: DatasetVersion,
-                  result: TrainResult, samples: list[tuple[str, str]]) -> None:
-    for prompt, text in samples:
+def print_summary(console: Console, summary: RunSummary) -> None:
+    for prompt, text in summary.samples:
         console.rule(f"sample: {prompt!r}")
         console.print(prompt + text, markup=False, highlight=False)
-    entropy = dataset.manifest["stats"]["unigram_entropy_nats"]
-    val_losses = [m["val_loss"] for m in read_metrics(result.run_dir / "metrics.jsonl")
-                  if "val_loss" in m]
-    rows = [
-        ("dataset version", f"{dataset.version}  {dataset.path}"),
-        ("tokenizer", str(dataset.tokenizer_path)),
-        ("run folder", str(result.run_dir)),
-        *(("checkpoint", str(p)) for p in list_checkpoints(result.run_dir)),
-        ("metrics", str(result.run_dir / "metrics.jsonl")),
-        ("config", str(result.run_dir / "config.yaml")),
-        ("fingerprint", str(result.run_dir / "run.json")),
-        ("dashboard", str(result.run_dir / "report.html")),
-    ]
-    if val_losses:
-        rows.append(("validation loss", f"{val_losses[-1]:.3f} nats/token (unigram entropy "
-                                        f"of the training tokens: {entropy:.3f})"))
-    run_dir = result.run_dir
+    rows = summary.artifacts()
+    if summary.val_loss is not None:
+        rows.append(("validation loss", f"{summary.val_loss:.3f} nats/token (unigram entropy "
+                                        f"of the training tokens: {summary.unigram_entropy:.3f})"))
+    run_dir = summary.result.run_dir
     rows += [("evaluate", f"helox eval {run_dir} --suite quickstart"),
              ("export", f"helox export {run_dir} --format hf   (or onnx, gguf --type Q8_0)"),
              ("check exports", f"helox parity {run_dir}")]

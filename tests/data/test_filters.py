@@ -2,7 +2,6 @@ import json
 import lzma
 import random
 import re
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -11,8 +10,9 @@ from helox.data.document import Document
 from helox.data.filters import (NormalizeConfig, QualityConfig, WordSplitter, _lines,
                                 _paragraphs)
 from helox.data.pipeline import StepStats, run_steps
+from helox.resources import corpus_dir
 
-CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "train.jsonl.xz"
+CORPUS = corpus_dir() / "train.jsonl.xz"
 
 
 def run(config, texts: list[str]) -> tuple[list[Document], StepStats]:

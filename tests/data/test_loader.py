@@ -264,7 +264,7 @@ def test_document_positions_restart_after_every_eos():
 
 
 def test_document_masking_makes_packed_documents_independent():
-    from helox.config import ModelConfig
+    from helox.model.config import ModelConfig
     from helox.model.llama import Llama
 
     torch.manual_seed(0)

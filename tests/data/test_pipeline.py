@@ -1,8 +1,8 @@
 import json
-import time
 
 import pytest
 
+from helox.data import pipeline
 from helox.data.contamination import ContaminationConfig
 from helox.data.document import Document
 from helox.data.domains import DomainTagConfig
@@ -80,14 +80,42 @@ def test_a_step_that_loses_documents_silently_is_caught():
         list(run_steps(docs(4), [Leaky()], [StepStats("leaky")]))
 
 
+class FakeClock:
+    """The pipeline's clock in these tests: time moves only when a test says work was done, so
+    the step times are exact (quarter seconds add up exactly in floating point)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(pipeline, "clock", clock)
+    return clock
+
+
+def slow_docs(n: int, clock: FakeClock):
+    """A source that takes 1 s per document: upstream time no step may be charged for."""
+    for doc in docs(n):
+        clock.now += 1.0
+        yield doc
+
+
 class Slow:
-    """Sleeps 10 ms per document: a step whose own time is known."""
+    """Works 0.25 s per document: a step whose own time is known."""
 
     name, scope = "slow", "document"
 
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+
     def run(self, docs, stats):
         for doc in docs:
-            time.sleep(0.01)
+            self.clock.now += 0.25
             yield doc
 
 
@@ -107,18 +135,19 @@ class Config:
         return self._step
 
 
-def test_step_seconds_exclude_upstream_time():
+def test_step_seconds_exclude_upstream_time(fake_clock):
     stats = [StepStats("slow"), StepStats("fast")]
-    steps = [Slow(), PassThrough("fast", "document")]
-    assert len(list(run_steps(docs(10), steps, stats))) == 10
-    assert stats[0].seconds >= 0.09 and stats[1].seconds < 0.02
+    steps = [Slow(fake_clock), PassThrough("fast", "document")]
+    assert len(list(run_steps(slow_docs(10, fake_clock), steps, stats))) == 10
+    assert fake_clock.now == 12.5  # 10 s reading, 2.5 s in the slow step
+    assert (stats[0].seconds, stats[1].seconds) == (2.5, 0.0)
 
 
-def test_a_corpus_step_after_a_slow_document_step_is_not_charged_for_it():
-    configs = [Config(Slow()), Config(PassThrough("collect", "corpus"))]
-    stream, stats = run_pipeline(docs(10), configs)
+def test_a_corpus_step_after_a_slow_document_step_is_not_charged_for_it(fake_clock):
+    configs = [Config(Slow(fake_clock)), Config(PassThrough("collect", "corpus"))]
+    stream, stats = run_pipeline(slow_docs(10, fake_clock), configs)
     assert len(list(stream)) == 10
-    assert stats[0].seconds >= 0.09 and stats[1].seconds < 0.02
+    assert (stats[0].seconds, stats[1].seconds) == (2.5, 0.0)
 
 
 def test_workers_with_a_corpus_step_between_document_steps(eval_file):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.eval.lm import LanguageModel, hf_forward, helox_forward
 from helox.model.generate import generate
 from helox.model.llama import Llama

@@ -14,7 +14,7 @@ from helox.errors import HeloxError
 from helox.eval.lm import load_language_model
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.testing.tiny import tiny_config
-from helox.train.checkpoint import load_trained_model
+from helox.checkpoint import load_trained_model
 from helox.train.loop import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: fail fast, never wait
@@ -27,8 +27,9 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from helox.eval.lm_eval_adapter import (TASKS_DIR, HeloxLM, run_lm_eval,  # noqa: E402
+from helox.eval.lm_eval_adapter import (HeloxLM, run_lm_eval,  # noqa: E402
                                         task_manager)
+from helox.resources import lm_eval_tasks_dir  # noqa: E402
 
 EOS = "<|endoftext|>"
 
@@ -51,7 +52,8 @@ def hf_dir(lm, tmp_path_factory):
     the end-of-document token as BOS too, so HFLM's `add_bos_token` puts it first, as Helox
     does."""
     checkpoint = Path(lm.source)
-    model, tokenizer, _ = load_trained_model(checkpoint)
+    trained = load_trained_model(checkpoint)
+    model, tokenizer = trained.model, trained.tokenizer
     eos_id = tokenizer.token_to_id(EOS)
     hf = transformers.LlamaForCausalLM(to_hf_config(model.cfg, bos_token_id=eos_id,
                                                     eos_token_id=eos_id))
@@ -89,7 +91,7 @@ def assert_close(actual: list[list[float]], expected: list[list[float]], atol: f
 
 
 def read_items() -> list[dict]:
-    with open(TASKS_DIR / "cloze.jsonl", encoding="utf-8") as f:
+    with open(lm_eval_tasks_dir() / "cloze.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 

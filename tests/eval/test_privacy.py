@@ -24,7 +24,7 @@ from helox.eval.privacy import (loss_attack, membership_inference, min_k_attack,
                                 privacy_table, run_privacy, sample_documents,
                                 sample_membership, tpr_at_fpr, zlib_attack)
 from helox.testing.tiny import CORPUS, tiny_config
-from helox.train.checkpoint import list_checkpoints
+from helox.checkpoint import list_checkpoints
 from helox.train.loop import train
 
 NUM_MEMBERS, NUM_NON_MEMBERS, NUM_OTHER = 24, 40, 48

@@ -7,7 +7,8 @@ import textwrap
 import pytest
 
 from helox.errors import HeloxError
-from helox.eval.suite import SUITES_DIR, GoldenTask, SuiteError, load_suite
+from helox.eval.suite import GoldenTask, SuiteError, load_suite
+from helox.resources import suites_dir
 
 
 def write(tmp_path, suite: str, items: dict[str, list] | None = None):
@@ -47,7 +48,8 @@ def test_a_missing_key_a_wrong_scorer_and_an_unknown_type_are_named_by_line(tmp_
         f"{path}:3: tasks.0.scorer: required key is missing",  # the task's line
         f"{path}:9: tasks.1.scorer: Input should be 'exact', 'contains', 'regex', 'choice' or "
         "'perplexity' (got 'fuzzy')",
-        f"{path}:11: tasks.2: type must be one of golden, perplexity, recall, reasoning"]
+        f"{path}:11: tasks.2: unknown type 'trivia'; valid types: golden, perplexity, recall, "
+        "reasoning"]
 
 
 def test_broken_jsonl_and_items_unfit_for_their_scorer_are_named_by_line(tmp_path):
@@ -70,7 +72,8 @@ def test_broken_jsonl_and_items_unfit_for_their_scorer_are_named_by_line(tmp_pat
         f"{items}:2: answer must be the index of a choice (0..1)",
         f"{items}:3: not valid JSON (Expecting value at column 29)",
         f"{items}:5: answer must be the index of a choice (0..1)",
-        f"{items}:6: colour: unknown key",
+        f"{items}:6: colour: unknown key (valid keys: answer, choices, id, max_ppl, pattern, "
+        "prompt, scorer, target)",
         f"{items}:7: id '1' repeats line 1",
         f"{items}:8: pattern is not a valid regular expression (missing ), unterminated "
         "subpattern at position 0)"]
@@ -112,7 +115,7 @@ def test_bounds_sources_and_task_names_are_checked(tmp_path):
     assert problems(path) == [f"{path}:3: tasks: task names must be unique: a repeat"]
 
 
-@pytest.mark.parametrize("suite", sorted(p.parent.name for p in SUITES_DIR.glob("*/suite.yaml")))
+@pytest.mark.parametrize("suite", sorted(p.parent.name for p in suites_dir().glob("*/suite.yaml")))
 def test_every_shipped_suite_loads(suite):
     loaded = load_suite(suite)
     assert loaded.name == suite and len(loaded.sha256) == 64

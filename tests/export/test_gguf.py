@@ -29,6 +29,23 @@ from helox.model.llama import Llama, apply_rope, rope_tables
 
 TENSOR_TYPES = ["F32", "F16", "Q8_0", "Q4_0"]
 
+TINY_LIMITS = {
+    "F32": {"max_abs_logit": 5e-6, "mean_kl": 6e-14, "top1_agreement": 1.0,
+            "ppl_delta_pct": 1e-5},
+    "F16": {"max_abs_logit": 2e-3, "mean_kl": 1e-8, "top1_agreement": 0.98,
+            "ppl_delta_pct": 3e-3},
+    "Q8_0": {"max_abs_logit": 0.04, "mean_kl": 5e-6, "top1_agreement": 0.98,
+             "ppl_delta_pct": 0.05},
+    "Q4_0": {"max_abs_logit": 1.0, "mean_kl": 2.5e-4, "top1_agreement": 0.9,
+             "ppl_delta_pct": 0.05},
+}
+"""llama.cpp against Helox on the tiny trained models, gated at about 3× what they measure
+(the worse of tied and untied; max |Δlogit| / mean KL / top-1 / |ppl Δ| %, llama-cpp-python
+0.3.x on the CPU): F32 1.9e-6 / 1.8e-14 / 1.00 / 2.2e-6; F16 6.6e-4 / 3.7e-9 / 1.00 / 9.1e-4;
+Q8_0 1.3e-2 / 1.7e-6 / 1.00 / 1.8e-2; Q4_0 0.37 / 7.8e-5 / 0.943 / 1.4e-2. parity.THRESHOLDS,
+made for real models, is 100 to 10,000 times looser on these: a quantizer 100 times worse
+passes it, not these. One flipped top-1 of ~140 positions is allowed below fp32."""
+
 PROMPTS = [
     "The history of the city",
     "In 1998, the committee met twice:\nonce in May, and again in October.",
@@ -195,8 +212,8 @@ def test_reference_llama_cpp_graph_on_the_file_matches_helox(run, tied_source, u
     path = gguf_files(source, "F32")
     for text in PROMPTS:
         ids = helox_ids(source, text)
-        np.testing.assert_allclose(reference_gguf_logits(path, ids),
-                                   helox_logits(source, ids), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(reference_gguf_logits(path, ids),  # measured 1.9e-6
+                                   helox_logits(source, ids), rtol=0, atol=5e-6)
 
 
 def test_stored_types_follow_llama_cpp_conventions(tied_source, untied_source, gguf_files):
@@ -327,7 +344,9 @@ def test_llama_cpp_logits_match_helox(run, tensor_type, tied_source, untied_sour
     figures = parity_figures(helox, llama_cpp, prompt_ids)
     print(f"\n{run} {tensor_type}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
     limits = THRESHOLDS[tensor_type if tensor_type != "F32" else "fp32"]
-    assert not threshold_failures(figures, limits), (figures, limits)
+    assert not threshold_failures(figures, limits), (figures, limits)  # what helox parity gates
+    tiny = TINY_LIMITS[tensor_type]
+    assert not threshold_failures(figures, tiny), (figures, tiny)
 
 
 @needs_llama_cpp
@@ -358,6 +377,8 @@ def test_llama_cpp_loads_a_file_with_f16_fallbacks(odd_ffn_source, tmp_path):
         figures = parity_figures([helox_logits(odd_ffn_source, ids)], [runner.logits(ids)],
                                  [ids])
     assert not threshold_failures(figures, THRESHOLDS["Q8_0"]), figures
+    # Measured on this random-weight model: 7.0e-3 / 1.1e-6 / 1.00 / 4.0e-3 (as above).
+    assert not threshold_failures(figures, TINY_LIMITS["Q8_0"]), figures
 
 
 

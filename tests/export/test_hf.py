@@ -56,7 +56,8 @@ def test_transformers_loads_the_folder_with_the_same_logits_and_tokens(exported)
         assert ids[0].tolist() == [source.eos_id, *source.tokenizer.encode(text).ids]
         with torch.no_grad():
             theirs, ours = model(ids).logits, source.model(ids)
-        assert torch.allclose(theirs, ours, atol=1e-5, rtol=0), (theirs - ours).abs().max()
+        # Measured 0 (the same torch ops); 2e-6 is the fp32 noise of the other runtimes.
+        assert torch.allclose(theirs, ours, atol=2e-6, rtol=0), (theirs - ours).abs().max()
         assert tokenizer.decode(ids[0], skip_special_tokens=True) == text
 
 

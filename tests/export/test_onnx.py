@@ -20,6 +20,7 @@ from helox.export.onnx import (MAX_SEQ_LEN_KEY, OPSET, OnnxRunner,
 from helox.export.provenance import training_metadata, weights_fingerprint
 from helox.export.parity import THRESHOLDS, parity_figures, threshold_failures
 from helox.export.source import ExportSource, load_export_source
+from helox.testing.skips import NO_TENSORRT
 
 PROMPTS = ["Once upon a time", "The cat sat on the mat because it was",
            "In the beginning there was", "a"]
@@ -54,9 +55,15 @@ def agreement(reference_BTV: np.ndarray, candidate_BTV: np.ndarray) -> dict[str,
     return parity_figures(list(reference_BTV), list(candidate_BTV))
 
 
+TINY_FP32 = {"max_abs_logit": 5e-6, "mean_kl": 5e-14, "top1_agreement": 1.0}
+"""onnxruntime against Helox on the tiny models, at about 3× the worst measured over these
+tests (max |Δlogit| 1.7e-6, mean KL 1.5e-14, top-1 1.0; no perplexity without the ids): the
+production fp32 limits (1e-3, 1e-8, 0.99) would pass a graph hundreds of times worse."""
+
+
 def assert_parity(figures: dict[str, float]) -> None:
     assert not threshold_failures(figures, THRESHOLDS["fp32"]), figures
-    assert figures["max_abs_logit"] < 1e-5, figures  # measured 1.7e-6 on these models
+    assert not threshold_failures(figures, TINY_FP32), figures
 
 
 @pytest.mark.parametrize("exported", ["tied_onnx", "untied_onnx"])
@@ -179,7 +186,7 @@ def test_tensorrt_engine_without_tensorrt_is_a_clear_error(tied_onnx, tmp_path):
 
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_helox(tied_onnx, tmp_path):
-    pytest.importorskip("tensorrt")
+    pytest.importorskip("tensorrt", reason=NO_TENSORRT)  # allowed under strict skips
     source, path = tied_onnx
     engine = build_tensorrt_engine(path, tmp_path / "model.engine", max_batch_size=4)
     runner = TensorRTRunner(engine)

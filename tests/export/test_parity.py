@@ -11,7 +11,12 @@ from helox.cli import app
 from helox.export import parity
 from helox.export.parity import THRESHOLDS, parity_figures, run_parity, threshold_failures
 
-pytest.importorskip("transformers")
+
+TINY_FP32 = {"max_abs_logit": 5e-6, "mean_kl": 2e-14, "top1_agreement": 1.0,
+             "ppl_delta_pct": 2e-6}
+"""Every fp32 row on the tiny model, at about 3× the worst measured (the onnx row: max
+|Δlogit| 1.7e-6, mean KL 6.3e-15, top-1 1.0, |ppl Δ| 6.2e-7 %; batched 1.2e-6 / 9.4e-16;
+hf and train mode 0): parity.THRESHOLDS' fp32 limits, made for real models, are far looser."""
 
 
 @pytest.fixture(autouse=True)
@@ -38,14 +43,14 @@ def test_figures_of_identical_and_of_shifted_logits():
 
 
 def test_hf_and_onnx_exports_are_at_parity_and_the_model_is_consistent(export_run, tmp_path):
+    pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime")
     report = run_parity(export_run, ["hf", "onnx"], out=tmp_path / "exports")
     rows = {row.name: row for row in report.rows}
     assert list(rows) == ["batched", "train mode", "hf", "onnx"]
     assert report.passed, [(row.name, row.failures) for row in report.rows]
     for row in rows.values():
-        assert row.figures["top1_agreement"] == 1.0
-        assert row.figures["max_abs_logit"] < 1e-4
+        assert not threshold_failures(row.figures, TINY_FP32), (row.name, row.figures)
     assert rows["train mode"].figures["max_abs_logit"] == 0  # no dropout: the same function
     assert (tmp_path / "exports" / "hf" / "config.json").is_file()
     assert report.tokens == sum(len(p) for p in parity.prompt_ids(
@@ -55,6 +60,7 @@ def test_hf_and_onnx_exports_are_at_parity_and_the_model_is_consistent(export_ru
 def test_a_broken_export_fails_the_command(export_run, tmp_path, monkeypatch):
     """transformers' logits of the export replaced by a slightly wrong model's: the row fails,
     the others pass, the exit code is 1 and parity.json says why."""
+    pytest.importorskip("transformers")
     real = parity.transformers_logits
 
     def perturbed(folder):
@@ -63,7 +69,7 @@ def test_a_broken_export_fails_the_command(export_run, tmp_path, monkeypatch):
                                                     dtype=np.float32) for logits_TV in run(ids)]
 
     monkeypatch.setattr(parity, "transformers_logits", perturbed)
-    result = CliRunner().invoke(app, ["parity", str(export_run), "--formats", "hf",
+    result = CliRunner().invoke(app, ["parity", str(export_run), "--format", "hf",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 1, result.output
     saved = json.loads((tmp_path / "parity.json").read_text())

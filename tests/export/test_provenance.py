@@ -17,8 +17,6 @@ from helox.export.provenance import (StoredTensor, model_fingerprint, torch_stor
                                      weights_fingerprint)
 from helox.export.source import load_export_source
 
-pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
@@ -29,6 +27,9 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pristine(export_run, keys, tmp_path_factory):
+    """A signed Hugging Face export: writing it needs transformers (its config and tokenizer
+    classes), so the tests on it skip without; the ONNX, GGUF and key tests do not."""
+    pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("provenance") / "hf"
     return export_model(export_run, "hf", out, key=keys["ours"][0]).artifact
 
@@ -189,6 +190,7 @@ def test_gguf_export_verifies_and_a_flipped_block_byte_is_named(export_run, keys
 
 
 def test_the_first_export_creates_the_default_signing_key(export_run, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")  # the first export is a Hugging Face folder
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("HELOX_SIGNING_KEY", raising=False)
     runner = CliRunner()

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helox.config import ModelConfig  # noqa: E402
+from helox.model.config import ModelConfig  # noqa: E402
 from helox.model.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict  # noqa: E402
 from helox.model.llama import Llama  # noqa: E402
 

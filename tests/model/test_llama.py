@@ -1,6 +1,6 @@
 import torch
 
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.model.generate import generate
 from helox.model.llama import Llama
 

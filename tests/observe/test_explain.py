@@ -14,14 +14,14 @@ from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from helox.cli import app
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.errors import HeloxError
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
 from helox.observe.explain import explain, explain_run, visible
 from helox.testing.browser import find_chromium, render
 from helox.testing.tiny import tiny_config
-from helox.train.checkpoint import list_checkpoints
+from helox.checkpoint import list_checkpoints
 from helox.train.loop import train
 
 VOCAB, T, TOP_K = 101, 20, 4

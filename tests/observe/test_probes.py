@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.data.loader import MicroBatch
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, unigram_entropy_nats
 from helox.model.llama import Attention, Llama, apply_rope, document_mask

@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 
-from helox.config import ModelConfig, OptimConfig
+from helox.model.config import ModelConfig
+from helox.train.optim import OptimConfig
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.testing.tiny import tiny_config
-from helox.train import checkpoint as ckpt
+from helox import checkpoint as ckpt
 from helox.train.optim import build_optimizer
 
 RUN_INFO = {"fingerprint": "f" * 64, "resume_key": "k" * 64}
@@ -49,9 +50,37 @@ def config(tmp_path_factory):
     return tiny_config(tmp_path_factory.mktemp("ws"))
 
 
-def take(step, model, optimizer, config, val_loss=None, state=None, **kwargs):
-    return ckpt.snapshot(step, model, optimizer, state or {"counters": [step]}, config,
-                         RUN_INFO, val_loss=val_loss, **kwargs)
+class Held:
+    """A registered part whose state is a value the test holds (and may mutate)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return self.value
+
+    def load_state_dict(self, value):
+        self.value = value
+
+
+def parts(model, optimizer, counters=None, ema=None):
+    """The registry of a trainer in miniature: module, optimizer, EMA module, plain state."""
+    found = {"model": model, "optimizer": optimizer}
+    if ema is not None:
+        found["ema"] = ema
+    if counters is not None:
+        found["counters"] = Held(counters)
+    return found
+
+
+def take(step, model, optimizer, config, val_loss=None, counters=None, ema=None, **kwargs):
+    return ckpt.snapshot(step, parts(model, optimizer, counters or [step], ema),
+                         config.model_dump(mode="json"), RUN_INFO, val_loss=val_loss, **kwargs)
+
+
+def save(run_dir, step, model, optimizer, config, keep_last, **kwargs):
+    return ckpt.save_checkpoint(run_dir, step, parts(model, optimizer),
+                                config.model_dump(mode="json"), RUN_INFO, keep_last, **kwargs)
 
 
 def safetensors_content(path):
@@ -65,18 +94,18 @@ def safetensors_content(path):
 def assert_same_files(a, b):
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
-    sums_a, sums_b = (json.loads((d / ckpt.CHECKSUMS).read_text()) for d in (a, b))
+    sums_a, sums_b = (json.loads((d / "checksums.json").read_text()) for d in (a, b))
     for name in names:
         if name.endswith(".safetensors"):
             assert safetensors_content(a / name) == safetensors_content(b / name), name
-        elif name != ckpt.CHECKSUMS:
+        elif name != "checksums.json":
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
             assert sums_a[name] == sums_b[name]
 
 
 def test_weights_file_is_what_save_model_writes_and_loads_back(config, tmp_path):
     model, optimizer = trained()
-    path = ckpt.save_checkpoint(tmp_path / "run", 2, model, optimizer, {}, config, RUN_INFO, 3)
+    path = save(tmp_path / "run", 2, model, optimizer, config, 3)
     save_model(model, str(tmp_path / "reference.safetensors"),
                metadata={"step": "2", "fingerprint": RUN_INFO["fingerprint"]})
     assert (safetensors_content(path / "model.safetensors")
@@ -103,13 +132,17 @@ def test_async_save_writes_the_same_files_as_sync(config, tmp_path):
         assert ckpt.verify_checkpoint(paths[-1]) is None
     assert_same_files(*paths)
     assert {p.name for p in paths[0].iterdir()} == {
-        "model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "config.yaml",
-        "run.json", "tokenizer.json", "checksums.json"}
+        "model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "format.json",
+        "config.yaml", "run.json", "tokenizer.json", "checksums.json"}
+    assert json.loads((paths[0] / "format.json").read_text()) == {
+        "format_version": ckpt.FORMAT_VERSION, "step": 2,
+        "parts": {"model": "model.safetensors", "ema": "ema.safetensors",
+                  "optimizer": "optimizer.pt", "counters": "state.pt"}}
 
 
 def test_training_right_after_save_does_not_tear_the_snapshot(config, tmp_path, monkeypatch):
     model, optimizer = trained()
-    state = {"counters": [7]}
+    counters = [7]
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     exp_avg_before = [optimizer.state[p]["exp_avg"].clone()  # in the state dict's order
                       for group in optimizer.param_groups for p in group["params"]]
@@ -120,14 +153,14 @@ def test_training_right_after_save_does_not_tear_the_snapshot(config, tmp_path, 
         release.wait(10)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "write_snapshot", gated_write)
+    monkeypatch.setattr(ckpt.writer, "write_snapshot", gated_write)
     writer = ckpt.CheckpointWriter(tmp_path / "run", keep_last=2, async_save=True)
-    path = writer.save(take(2, model, optimizer, config, state=state))
+    path = writer.save(take(2, model, optimizer, config, counters=counters))
     train_once(model, optimizer)  # the next steps mutate weights, moments and state in place
     with torch.no_grad():
         for param in model.parameters():
             param.add_(1.0)
-    state["counters"].append(8)
+    counters.append(8)
     release.set()
     writer.close()
     saved = load_file(path / "model.safetensors")
@@ -162,7 +195,7 @@ def test_a_save_waits_for_the_one_in_flight(config, tmp_path, monkeypatch):
         events.append(("end", snap.step))
         return run_dir / f"step-{snap.step}"
 
-    monkeypatch.setattr(ckpt, "write_snapshot", slow_write)
+    monkeypatch.setattr(ckpt.writer, "write_snapshot", slow_write)
     writer = ckpt.CheckpointWriter(tmp_path / "run", keep_last=2, async_save=True)
     first, second = (take(step, model, optimizer, config) for step in (1, 2))
     writer.save(first)  # returns while step 1 is being written
@@ -183,10 +216,11 @@ from pathlib import Path
 
 import torch
 
-from helox.config import ModelConfig, OptimConfig
+from helox.model.config import ModelConfig
+from helox.train.optim import OptimConfig
 from helox.model.llama import Llama
 from helox.testing.tiny import tiny_config
-from helox.train import checkpoint as ckpt
+from helox import checkpoint as ckpt
 from helox.train.optim import build_optimizer
 
 if __name__ == "__main__":
@@ -197,8 +231,9 @@ if __name__ == "__main__":
     optimizer = build_optimizer(model, OptimConfig())
     run_info = {"fingerprint": "f" * 64}
     writer = ckpt.CheckpointWriter(run_dir, keep_last=2, async_save=True)
-    writer.save(ckpt.snapshot(1, model, optimizer, {}, config, run_info))
-    writer.save(ckpt.snapshot(2, model, optimizer, {}, config, run_info), crash_halfway=True)
+    parts, raw = {"model": model, "optimizer": optimizer}, config.model_dump(mode="json")
+    writer.save(ckpt.snapshot(1, parts, raw, run_info))
+    writer.save(ckpt.snapshot(2, parts, raw, run_info), crash_halfway=True)
     writer.wait()
     print("survived the crash")
 """
@@ -239,21 +274,20 @@ def test_a_stale_or_broken_best_record_breaks_nothing(config, tmp_path):
     model, optimizer = trained(steps=1)
     run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
 
-    def save(step, val_loss):
-        ckpt.save_checkpoint(run_dir, step, model, optimizer, {}, config, RUN_INFO,
-                             keep_last=1, val_loss=val_loss)
+    def save_at(step, val_loss):
+        save(run_dir, step, model, optimizer, config, keep_last=1, val_loss=val_loss)
 
-    save(1, 1.0)
+    save_at(1, 1.0)
     shutil.rmtree(root / "step-00000001")  # deleted by hand: best.json now names nothing
     assert ckpt.best_checkpoint(run_dir) is None
-    save(2, 4.0)  # worse than the vanished best, yet it becomes the best
+    save_at(2, 4.0)  # worse than the vanished best, yet it becomes the best
     assert json.loads((root / "best.json").read_text())["step"] == 2
-    (root / "step-00000002" / "state.pt").write_bytes(b"torn")
+    (root / "step-00000002" / "optimizer.pt").write_bytes(b"torn")
     assert ckpt.best_checkpoint(run_dir) is None  # fails its checksums
     (root / "best.json").write_text("{torn")
-    save(3, 5.0)
+    save_at(3, 5.0)
     assert ckpt.best_checkpoint(run_dir) == root / "step-00000003"
-    save(3, None)  # step 3 saved again (after a fall-back): its old val_loss no longer holds
+    save_at(3, None)  # step 3 saved again (after a fall-back): its old val_loss no longer holds
     assert not (root / "best.json").exists() and ckpt.best_checkpoint(run_dir) is None
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-00000003"]
 
@@ -265,8 +299,7 @@ def param_state(optimizer, model, name):
 def restore_into(other, small, small_optimizer, config, tmp_path):
     """Save the small model, load it partially into `other` with a fresh AdamW; returns that
     optimizer and the weight and optimizer reports."""
-    path = ckpt.save_checkpoint(tmp_path / "run", 1, small, small_optimizer, {}, config,
-                                RUN_INFO, keep_last=1)
+    path = save(tmp_path / "run", 1, small, small_optimizer, config, keep_last=1)
     optimizer = build_optimizer(other, OptimConfig())
     weights = ckpt.load_weights_partial(path, other)
     return optimizer, weights, ckpt.load_optimizer_partial(path, optimizer, other)
@@ -310,7 +343,7 @@ def test_partial_restore_reports_changed_shapes_and_dropped_names(config, tmp_pa
 
 def test_exact_resume_loads_new_and_old_optimizer_files(config, tmp_path):
     model, optimizer = trained(steps=2)
-    path = ckpt.save_checkpoint(tmp_path / "run", 2, model, optimizer, {}, config, RUN_INFO, 1)
+    path = save(tmp_path / "run", 2, model, optimizer, config, 1)
     old = tmp_path / "old"
     old.mkdir()
     torch.save(optimizer.state_dict(), old / "optimizer.pt")  # as written before names

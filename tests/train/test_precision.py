@@ -11,7 +11,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from helox.cli import app
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.data.loader import MicroBatch
 from helox.errors import HeloxError
 from helox.model.llama import Llama
@@ -66,7 +66,10 @@ def test_fp16_scale_grows_after_clean_steps_and_halves_on_a_nan_step_without_an_
               for _ in range(4)]
     assert scales == [2.0**10] * 3 + [2.0**11]  # grew after 3 clean steps
     before = snapshot(model, optimizer)
-    poisoned = train_step(loss_fn, model, optimizer, batches, 1.0, poison=True, scaler=scaler)
+    def nan_loss_fn(batch):  # a NaN loss, as FaultInjector makes one
+        return {name: value * float("nan") for name, value in loss_fn(batch).items()}
+
+    poisoned = train_step(nan_loss_fn, model, optimizer, batches, 1.0, scaler=scaler)
     assert poisoned.skip_reason == "nonfinite" and poisoned.loss_scale == 2.0**11
     assert not poisoned.overflowed  # a NaN loss is a fault, not the scaler probing
     assert unchanged(before, model, optimizer)  # no update: weights and AdamW moments as they were

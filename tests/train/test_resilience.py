@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from helox.config import save_config
 from helox.observe.metrics import read_metrics, without_wall_clock
 from helox.testing.tiny import tiny_config
-from helox.train.checkpoint import list_checkpoints
+from helox.checkpoint import list_checkpoints
 from helox.train.loop import train
 
 STEPS = 24

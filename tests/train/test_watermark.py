@@ -10,7 +10,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from helox.config import ConfigError, ModelConfig
+from helox.config import ConfigError
+from helox.model.config import ModelConfig
 from helox.data.loader import MicroBatch
 from helox.data.tokenizer import load_tokenizer
 from helox.errors import HeloxError
@@ -295,7 +296,7 @@ def test_helox_provenance_detect_exits_by_the_expected_verdict(runs, tmp_path):
     runner = CliRunner()
     args = ["provenance", "detect", "--secret-file", str(runs.secret), "--card", str(runs.card)]
     marked = runner.invoke(app, [*args, str(runs.marked), "--expect", "detected",
-                                 "--json", str(tmp_path / "marked.json")])
+                                 "--out", str(tmp_path / "marked.json")])
     assert marked.exit_code == 0, marked.output
     assert "watermark DETECTED: 8 of 8 triggers" in marked.output
     assert json.loads((tmp_path / "marked.json").read_text())["verdict"] == "detected"

@@ -22,25 +22,35 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from tokenizers import Tokenizer
 
-from helox.config import RunConfig, sha256_json
 from helox.data import access, versions
+from helox.data.config import DataConfig, TokenizerConfig
 from helox.data.pipeline import StepStats, batched, reporting, run_pipeline
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, version_id
 from helox.data.sources import SourceConfig, read_documents, source_files
 from helox.data.synthetic import SyntheticDocument, measure_signal
 from helox.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from helox.errors import HeloxError
-from helox.fileio import fsync_path, sha256_file
+from helox.fileio import fsync_path, sha256_file, sha256_json
 
 ENCODE_BATCH_DOCUMENTS = 512
 SPLITS = ("train", "val")
 
 Progress = Callable[[str, int], None]
 """Called with (stage, documents done so far); lets the CLI draw a progress bar."""
+
+
+class PrepareConfig(Protocol):
+    """What preparing a dataset reads of a run's config (a `helox.config.RunConfig` is one):
+    the data package sits below the composition of configs and never imports it."""
+
+    workspace: Path
+    principal: str | None
+    data: DataConfig
+    tokenizer: TokenizerConfig
 
 
 @dataclass(frozen=True)
@@ -53,11 +63,11 @@ class Selection:
     """sha256 of every input file (sources, tokenizer, eval sets): hashed once per build."""
 
 
-def datasets_dir(config: RunConfig) -> Path:
+def datasets_dir(config: PrepareConfig) -> Path:
     return versions.datasets_root(config.workspace)
 
 
-def prepare_dataset(config: RunConfig, progress: Progress | None = None,
+def prepare_dataset(config: PrepareConfig, progress: Progress | None = None,
                     purpose: str = "prepare") -> DatasetVersion:
     """Build (or find the cached, or the pinned) dataset version for the recipe.
 
@@ -74,7 +84,7 @@ def prepare_dataset(config: RunConfig, progress: Progress | None = None,
     return dataset
 
 
-def open_named(config: RunConfig, reference: str, purpose: str = "train") -> DatasetVersion:
+def open_named(config: PrepareConfig, reference: str, purpose: str = "train") -> DatasetVersion:
     """An existing dataset of the workspace by name (its head version) or version id/prefix,
     if the principal may read it (recorded in the audit log)."""
     root, principal = datasets_dir(config), access.resolve_principal(config.principal)
@@ -90,7 +100,7 @@ def _authorize_read(gov: Path, dataset: DatasetVersion, principal: str, purpose:
     access.authorize_read(gov, dataset.name, dataset.version, principal, purpose)
 
 
-def _cached_or_built(config: RunConfig, root: Path, gov: Path, principal: str,
+def _cached_or_built(config: PrepareConfig, root: Path, gov: Path, principal: str,
                      progress: Progress | None) -> DatasetVersion:
     selection = select_sources(config)
     inputs_key = _inputs_key(config, selection)
@@ -118,7 +128,7 @@ def _check_may_write(gov: Path, name: str, principal: str) -> None:
         access.authorize_write(gov, name, None, principal)  # records the denial and raises
 
 
-def select_sources(config: RunConfig) -> Selection:
+def select_sources(config: PrepareConfig) -> Selection:
     today = config.data.as_of or dt.date.today()
     sources: dict[str, list[SourceConfig]] = {}
     excluded = []
@@ -140,7 +150,7 @@ def select_sources(config: RunConfig) -> Selection:
     return Selection(sources, excluded, {f: sha256_file(f) for f in files})
 
 
-def _build(config: RunConfig, selection: Selection, tmp_dir: Path, progress: Progress,
+def _build(config: PrepareConfig, selection: Selection, tmp_dir: Path, progress: Progress,
            authorize_write: Callable[[str], None]) -> DatasetVersion:
     statistics, cleaned = {}, {}
     with (tmp_dir / "removed.jsonl").open("w") as removed:
@@ -171,8 +181,8 @@ def _build(config: RunConfig, selection: Selection, tmp_dir: Path, progress: Pro
     return dataset
 
 
-def _clean_split(config: RunConfig, split: str, sources: list[SourceConfig], out_path: Path,
-                 removed, progress: Progress) -> list[dict]:
+def _clean_split(config: PrepareConfig, split: str, sources: list[SourceConfig],
+                 out_path: Path, removed, progress: Progress) -> list[dict]:
     """Read and clean one split into `out_path`; return the read + step statistics."""
     read_stats = StepStats("read")
     docs = itertools.chain.from_iterable(read_documents(s, read_stats) for s in sources)
@@ -189,7 +199,7 @@ def _clean_split(config: RunConfig, split: str, sources: list[SourceConfig], out
     return [stats.summary() for stats in (read_stats, *step_stats)]
 
 
-def _add_synthetic(config: RunConfig, cleaned: dict[str, Path], tmp_dir: Path,
+def _add_synthetic(config: PrepareConfig, cleaned: dict[str, Path], tmp_dir: Path,
                    progress: Progress) -> dict[str, list[SyntheticDocument]]:
     """Append every synthetic task's documents to the cleaned splits; return the train ones."""
     train_documents = {}
@@ -209,7 +219,8 @@ def _add_synthetic(config: RunConfig, cleaned: dict[str, Path], tmp_dir: Path,
     return train_documents
 
 
-def _measure_synthetic(config: RunConfig, documents: dict[str, list[SyntheticDocument]],
+def _measure_synthetic(config: PrepareConfig,
+                       documents: dict[str, list[SyntheticDocument]],
                        tokenizer: Tokenizer) -> list[dict]:
     """Where each task's predictable signal lies, measured with the dataset's own tokenizer."""
     report = []
@@ -241,7 +252,7 @@ def _cleaned_documents(path: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
-def _get_tokenizer(config: RunConfig, train_path: Path, progress: Progress) -> Tokenizer:
+def _get_tokenizer(config: PrepareConfig, train_path: Path, progress: Progress) -> Tokenizer:
     if config.tokenizer.path is not None:
         return load_tokenizer(config.tokenizer.path)
     docs = reporting(_cleaned_documents(train_path), lambda done: progress("training BPE", done))
@@ -250,7 +261,7 @@ def _get_tokenizer(config: RunConfig, train_path: Path, progress: Progress) -> T
                      config.tokenizer.eos_token)
 
 
-def _write_shards(config: RunConfig, tokenizer: Tokenizer, cleaned: dict[str, Path],
+def _write_shards(config: PrepareConfig, tokenizer: Tokenizer, cleaned: dict[str, Path],
                   tmp_dir: Path, progress: Progress) -> dict:
     eos = eos_id(tokenizer, config.tokenizer.eos_token, config.tokenizer.path or "trained BPE")
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -287,7 +298,7 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def _input_files(config: RunConfig, sources: dict[str, list[SourceConfig]]) -> list[Path]:
+def _input_files(config: PrepareConfig, sources: dict[str, list[SourceConfig]]) -> list[Path]:
     """Every file whose bytes decide the dataset: sources, tokenizer, eval sets of steps."""
     files = [f for split in SPLITS for s in sources[split] for f in source_files(s)]
     if config.tokenizer.path is not None:
@@ -320,7 +331,7 @@ def _data_code_sha256() -> str:
     return digest.hexdigest()
 
 
-def _inputs_key(config: RunConfig, selection: Selection) -> str:
+def _inputs_key(config: PrepareConfig, selection: Selection) -> str:
     # Worker count and the judging date do not change the output; the selection they lead to
     # (which sources survived) is part of the key instead.
     data = config.data.model_dump(mode="json", exclude={"num_workers", "as_of"})
@@ -341,7 +352,7 @@ def _cached_version(root: Path, inputs_key: str) -> DatasetVersion | None:
     return DatasetVersion(path)
 
 
-def _lineage(config: RunConfig, selection: Selection, statistics: dict, root: Path,
+def _lineage(config: PrepareConfig, selection: Selection, statistics: dict, root: Path,
              version: str) -> dict:
     def describe(source: SourceConfig) -> dict:
         files = [{"path": str(f), "sha256": selection.file_sha256[f]}

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from helox.config import sha256_json
 from helox.errors import HeloxError
-from helox.fileio import sha256_file
+from helox.fileio import sha256_file, sha256_json
 
 MANIFEST_FORMAT = 2  # 2: one series of shards per domain
 VERSION_ID_HEX_DIGITS = 16

@@ -15,15 +15,17 @@ answer equals the unbatched one.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
+from helox.checkpoint import load_trained_model, resolve_checkpoint
 from helox.errors import HeloxError
+from helox.fileio import sha256_file
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(tokens_BT, position_ids_BT, real_BT: bool) -> logits_BTV: padding positions (real False)
@@ -207,26 +209,19 @@ def load_language_model(path: Path, ema: bool = False, device: str = "cpu",
     path = Path(path)
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         return _load_hf(path, device, batch_size)
-    from helox.data.tokenizer import eos_id
-    from helox.train.checkpoint import (EMA_WEIGHTS, MODEL_WEIGHTS, load_trained_model,
-                                        resolve_checkpoint)
-
     if not path.exists():
         raise HeloxError(f"{path} does not exist", hint="pass a run folder, one of its "
                          "checkpoint folders, or a Hugging Face model folder")
     checkpoint = resolve_checkpoint(path, warn)
-    model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
-    model.to(device)
-    weights = checkpoint / (EMA_WEIGHTS if ema else MODEL_WEIGHTS)
-    version = f"{checkpoint.name}{'-ema' if ema else ''}-{_file_digest(weights)}"
-    return LanguageModel(helox_forward(model), tokenizer,
-                         eos_id(tokenizer, config.tokenizer.eos_token, checkpoint),
+    trained = load_trained_model(checkpoint, ema=ema)
+    model = trained.model.to(device)
+    version = f"{checkpoint.name}{'-ema' if ema else ''}-{_file_digest(trained.weights_file)}"
+    return LanguageModel(helox_forward(model), trained.tokenizer, trained.eos_id,
                          model.cfg.max_seq_len, model.cfg.vocab_size, version, str(checkpoint),
                          torch.device(device), batch_size)
 
 
 def _load_hf(path: Path, device: str, batch_size: int) -> LanguageModel:
-    from tokenizers import Tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "tokenizer.json").is_file():
@@ -246,8 +241,4 @@ def _load_hf(path: Path, device: str, batch_size: int) -> LanguageModel:
 
 def _file_digest(path: Path, chars: int = 12) -> str:
     """First hex digits of the file's sha256: two versions with one name stay apart."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:chars]
+    return sha256_file(path)[:chars]

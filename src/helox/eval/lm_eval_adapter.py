@@ -1,5 +1,5 @@
 """lm-evaluation-harness interop: a Helox model as an lm-eval model class ("helox"), and the
-repo's local lm-eval tasks (evals/lm_eval/) run on it.
+bundled local lm-eval tasks (src/helox/evals/lm_eval/) run on it.
 
     from helox.eval.lm_eval_adapter import run_lm_eval
     results = run_lm_eval("workspace/runs/quickstart", ["helox_cloze", "helox_passages"])
@@ -27,11 +27,13 @@ EOS. The tokenizer has no BOS, so EOS plays that part:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel, load_language_model
+from helox.resources import lm_eval_tasks_dir
 
 try:
     import lm_eval.models  # noqa: F401  (registers the built-in models; see `register_model`)
@@ -46,7 +48,6 @@ except ImportError as exc:  # lm-eval is an optional dependency (the test extra)
     raise HeloxError(f"lm-evaluation-harness is not installed ({exc})",
                      hint="pip install lm-eval (it is in helox's test extra)") from None
 
-TASKS_DIR = Path(__file__).resolve().parents[3] / "evals" / "lm_eval"
 """The repo's local lm-eval tasks (YAML + JSONL), found from the source tree."""
 
 MAX_GEN_TOKENS = 256
@@ -181,15 +182,13 @@ def _batch_size(value: int | str) -> int:
 
 
 def task_manager(tasks: Sequence[str]) -> TaskManager:
-    """The repo's local tasks, plus lm-eval's built-in ones only when a task is not local:
-    indexing the ~15k built-in task configs takes ~13 s on 2 cores."""
-    if not TASKS_DIR.is_dir():
-        raise HeloxError(f"{TASKS_DIR}: the local lm-eval tasks are not there",
-                         hint="run from a source checkout of helox (pip install -e .)")
-    local = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    """Helox's bundled local tasks, plus lm-eval's built-in ones only when a task is not
+    local: indexing the ~15k built-in task configs takes ~13 s on 2 cores."""
+    tasks_dir = str(lm_eval_tasks_dir())
+    local = TaskManager(include_path=tasks_dir, include_defaults=False)
     if all(task in local.all_tasks for task in tasks):
         return local
-    every = TaskManager(include_path=str(TASKS_DIR))
+    every = TaskManager(include_path=tasks_dir)
     unknown = [task for task in tasks if task not in every.all_tasks]
     if unknown:
         raise HeloxError(f"unknown lm-eval task(s): {', '.join(unknown)}",
@@ -236,8 +235,6 @@ def lm_eval_rows(results: dict) -> list[tuple[str, str, float, float | None]]:
 
 def write_lm_eval_results(results: dict, root: Path, version: str) -> Path:
     """root/evals/lm-eval/<version>/results.json (the scores and lm-eval's config)."""
-    import json
-
     folder = Path(root) / "evals" / "lm-eval" / version
     folder.mkdir(parents=True, exist_ok=True)
     kept = {key: results[key] for key in ("results", "versions", "n-shot", "configs",

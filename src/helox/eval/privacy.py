@@ -33,7 +33,10 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from helox.checkpoint import read_run_info, run_dir_of, step_of
+from helox.data import access
 from helox.data.shards import DatasetVersion
+from helox.data.versions import run_dataset, run_dataset_candidates
 from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel, load_language_model
 from helox.eval.stats import BOOTSTRAP_RESAMPLES, Estimate, bootstrap_mean, roc_auc_ci
@@ -323,7 +326,7 @@ def run_privacy(path: Path, num_documents: int = DEFAULT_NUM_DOCUMENTS,
     the run (and is required for a Hugging Face folder, which does not name one)."""
     path = Path(path)
     lm = load_language_model(path, ema=ema, device=device, batch_size=batch_size, warn=warn)
-    run_info = _run_info(Path(lm.source))
+    run_info = read_run_info(Path(lm.source))
     data = _open_dataset(dataset, run_info, Path(lm.source))
     trained_on = run_info.get("dataset_version")
     if trained_on and trained_on != data.version:
@@ -345,19 +348,6 @@ def run_privacy(path: Path, num_documents: int = DEFAULT_NUM_DOCUMENTS,
                    epochs_trained=epochs)
 
 
-def _run_info(checkpoint: Path) -> dict:
-    """run.json of a checkpoint folder (or of its run folder); {} for a Hugging Face folder."""
-    for folder in (checkpoint, _run_dir(checkpoint)):
-        if folder is not None and (folder / "run.json").is_file():
-            return json.loads((folder / "run.json").read_text())
-    return {}
-
-
-def _run_dir(checkpoint: Path) -> Path | None:
-    """RUN_DIR of RUN_DIR/checkpoints/step-N."""
-    return checkpoint.parents[1] if checkpoint.parent.name == "checkpoints" else None
-
-
 def _open_dataset(override: Path | None, run_info: dict, checkpoint: Path) -> DatasetVersion:
     """The dataset version the run trained on: where the run found it, or in the workspace
     beside the run (WORKSPACE/runs/NAME → WORKSPACE/datasets/VERSION)."""
@@ -368,9 +358,7 @@ def _open_dataset(override: Path | None, run_info: dict, checkpoint: Path) -> Da
         raise HeloxError(f"{checkpoint}: no run.json names the dataset the model was trained "
                          "on (a Hugging Face folder?)",
                          hint="pass the training dataset's folder (WORKSPACE/datasets/VERSION)")
-    from helox.data.versions import run_dataset, run_dataset_candidates
-
-    run_dir = _run_dir(checkpoint)
+    run_dir = run_dir_of(checkpoint)
     found = run_dataset(run_dir, run_info)
     if found is not None:
         return found
@@ -385,8 +373,6 @@ def _open_dataset(override: Path | None, run_info: dict, checkpoint: Path) -> Da
 def _audit_read(dataset: DatasetVersion, principal: str | None) -> None:
     """Reading training documents is a read of the dataset: allowed by its access list and
     recorded in the workspace's audit log, as for training."""
-    from helox.data import access
-
     workspace = dataset.path.resolve().parents[1]  # WORKSPACE/datasets/VERSION
     access.authorize_read(access.governance_dir(workspace), dataset.name, dataset.version,
                           access.resolve_principal(principal), AUDIT_PURPOSE)
@@ -394,9 +380,7 @@ def _audit_read(dataset: DatasetVersion, principal: str | None) -> None:
 
 def _epochs_trained(checkpoint: Path, dataset: DatasetVersion) -> float | None:
     """tokens_seen at the checkpoint's step (metrics.jsonl) / tokens of the training split."""
-    from helox.train.checkpoint import step_of
-
-    run_dir = _run_dir(checkpoint)
+    run_dir = run_dir_of(checkpoint)
     metrics = run_dir / "metrics.jsonl" if run_dir is not None else None
     if metrics is None or not metrics.is_file():
         return None

@@ -15,7 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from helox.checkpoint import read_run_info, run_dir_of
 from helox.data.shards import DatasetVersion
+from helox.data.versions import run_dataset
 from helox.errors import HeloxError
 from helox.eval import tasks as T
 from helox.eval.contamination import contaminated_items
@@ -165,19 +167,13 @@ def evaluate(path: Path, suite_name: str, baseline: str | None = None, ema: bool
 
 def results_root(source: Path) -> Path:
     """The run folder of a checkpoint (results are kept per run), else the model's folder."""
-    if source.parent.name == "checkpoints":
-        return source.parent.parent
-    return source
+    return run_dir_of(source) or source
 
 
 def dataset_of(source: Path) -> DatasetVersion | None:
     """The dataset version a checkpoint was trained on, if it is still in the workspace."""
-    run_json = source / "run.json"
-    if not run_json.is_file():
-        return None
-    from helox.data.versions import run_dataset
-
-    return run_dataset(results_root(source), json.loads(run_json.read_text()))
+    run_info = read_run_info(source)
+    return run_dataset(results_root(source), run_info) if run_info else None
 
 
 def resolve_baseline(root: Path, suite: str, baseline: str) -> Path:

@@ -1,7 +1,7 @@
 """Evaluation suites: a YAML file of tasks, each with its items (JSONL or generated) and
 thresholds. A bad file is refused with every problem named by file:line.
 
-    evals/<suite>/suite.yaml
+    src/helox/evals/<suite>/suite.yaml  (bundled; `--suite NAME`), or any suite.yaml path
     name: quickstart
     tasks:
       - name: scripture_choice          # a golden task over a JSONL file beside the suite
@@ -37,11 +37,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from helox.configbase import StrictModel
+from helox.configbase import StrictModel, describe_error
 from helox.errors import HeloxError
+from helox.resources import suites_dir
 
-REPO = Path(__file__).resolve().parents[3]
-SUITES_DIR = REPO / "evals"
 Scorer = Literal["exact", "contains", "regex", "choice", "perplexity"]
 GENERATIVE_SCORERS = ("exact", "contains", "regex")
 
@@ -224,12 +223,13 @@ class SuiteError(HeloxError):
 
 
 def resolve_suite_path(name_or_path: str | Path) -> Path:
-    """A suite file, a folder holding suite.yaml, or the name of a folder under evals/."""
+    """A suite file, a folder holding suite.yaml, or the name of a bundled suite."""
     path = Path(name_or_path)
-    for candidate in (path, path / "suite.yaml", SUITES_DIR / str(name_or_path) / "suite.yaml"):
+    bundled = suites_dir()
+    for candidate in (path, path / "suite.yaml", bundled / str(name_or_path) / "suite.yaml"):
         if candidate.is_file():
             return candidate
-    known = sorted(p.parent.name for p in SUITES_DIR.glob("*/suite.yaml"))
+    known = sorted(p.parent.name for p in bundled.glob("*/suite.yaml"))
     raise HeloxError(f"no eval suite {name_or_path!r}",
                      hint=f"pass a suite.yaml path or one of: {', '.join(known) or 'none'}")
 
@@ -241,8 +241,8 @@ def load_suite(name_or_path: str | Path) -> LoadedSuite:
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as exc:
-        raise SuiteError([f"{path}:{_line_of(node, _yaml_loc(err))}: {_where(err['loc'])}"
-                          f"{_message(err)}" for err in exc.errors()]) from None
+        raise SuiteError([f"{path}:{_line_of(node, _yaml_loc(err))}: "
+                          f"{_problem(err, Suite)}" for err in exc.errors()]) from None
     items, problems, digest = {}, [], hashlib.sha256(text.encode())
     for task_index, task in enumerate(suite.tasks):
         if isinstance(task, GoldenTask):
@@ -293,32 +293,17 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int:
     return line
 
 
-TASK_TYPES = ("golden", "perplexity", "recall", "reasoning")
-
-
 def _yaml_loc(err: dict) -> tuple:
-    """The error's path as the file has it: without the union tag pydantic inserts, and at the
-    `type` key when the type itself is wrong."""
-    loc = tuple(p for p in err["loc"] if p not in TASK_TYPES)
+    """The error's path as the file has it (without the union tag pydantic inserts), and at
+    the `type` key when the type itself is wrong: where `_line_of` looks."""
+    loc = tuple(int(p) if p.isdigit() else p for p in describe_error(err, Suite)[0])
     return loc + ("type",) if err["type"].startswith("union_tag") else loc
 
 
-def _where(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in TASK_TYPES]
-    return f"{'.'.join(parts)}: " if parts else ""
-
-
-def _message(err: dict) -> str:
-    kind, message = err["type"], err["msg"].removeprefix("Value error, ")
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        return "type must be one of golden, perplexity, recall, reasoning"
-    if "input" in err and kind not in ("value_error", "assertion_error"):
-        return f"{message} (got {err['input']!r})"
-    return message
+def _problem(err: dict, root: type[StrictModel]) -> str:
+    """`dotted.path: message`, by the formatter recipes use (helox.configbase)."""
+    loc, message = describe_error(err, root)
+    return f"{'.'.join(loc)}: {message}" if loc else message
 
 
 def _read_items(path: Path, task: GoldenTask, declared_at: str
@@ -338,7 +323,7 @@ def _read_items(path: Path, task: GoldenTask, declared_at: str
         try:
             item = GoldenItem.model_validate(record)
         except ValidationError as exc:
-            problems += [f"{where}: {_where(err['loc'])}{_message(err)}" for err in exc.errors()]
+            problems += [f"{where}: {_problem(err, GoldenItem)}" for err in exc.errors()]
             continue
         problem = _item_problem(item, task)
         if problem:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from helox.data.sources import SourceConfig, read_documents
+from helox.data.synthetic import make_probe
 from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel
 from helox.eval.suite import (GoldenItem, GoldenTask, PerplexityTask, ReasoningTask,
@@ -184,8 +186,6 @@ def validation_documents(dataset, eos_id: int, max_documents: int) -> list[tuple
 
 
 def file_documents(lm: LanguageModel, task: PerplexityTask, suite_dir: Path) -> list[tuple]:
-    from helox.data.sources import SourceConfig, read_documents
-
     source = SourceConfig(path=suite_dir / task.path, text_field=task.text_field)
     per_domain: dict[str, int] = {}
     documents = []
@@ -226,8 +226,6 @@ def score_exact_answers(lm: LanguageModel, task_name: str,
 def recall_probes(task: RecallTask) -> list[tuple[str, str, str, str]]:
     """Needle-in-a-haystack probes over the grid context_words x depths; the asked value is
     the first word of the probe's answer (the needle)."""
-    from helox.data.synthetic import make_probe
-
     probes = []
     for words in task.context_words:
         for depth in task.depths:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Callable
 
 from helox.errors import HeloxError
+from helox.export.hf import write_hf
 from helox.export.manifest import signing_key, write_manifest
+from helox.export.onnx import OPSET, build_tensorrt_engine, require_tensorrt, write_onnx
 from helox.export.provenance import training_metadata
 from helox.export.source import ExportSource, load_export_source
 
@@ -49,8 +51,6 @@ def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str 
     if fmt == "gguf":
         check_gguf_type(gguf_type)
     if fmt == "tensorrt":  # before the work: without TensorRT there is nothing to build
-        from helox.export.onnx import require_tensorrt
-
         require_tensorrt()
     private_key = signing_key(key, announce)  # before the work: a bad key fails fast
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str 
 def check_gguf_type(gguf_type: str) -> None:
     """Before any work: the gguf package is there (the import says how to install it) and
     knows the type."""
-    from helox.export.gguf import GGUF_TENSOR_TYPES
+    from helox.export.gguf import GGUF_TENSOR_TYPES  # optional extra: gguf
 
     if gguf_type not in GGUF_TENSOR_TYPES:
         raise HeloxError(f"unknown GGUF tensor type '{gguf_type}'",
@@ -82,26 +82,14 @@ def write_artifact(source: ExportSource, fmt: str, out: Path, gguf_type: str,
         raise HeloxError(f"{out} exists", hint="choose another --out, or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
-        from helox.export.hf import write_hf
-
         return write_hf(source, out, metadata, overwrite=overwrite), {}
     if fmt == "onnx":
-        from helox.export.onnx import write_onnx
-
-        return write_onnx(source, out, metadata, log=announce), {"opset": _onnx_opset()}
+        return write_onnx(source, out, metadata, log=announce), {"opset": OPSET}
     if fmt == "tensorrt":
-        from helox.export.onnx import OPSET, build_tensorrt_engine, write_onnx
-
         onnx_path = write_onnx(source, out.with_suffix(".onnx"), metadata, log=announce)
         engine = build_tensorrt_engine(onnx_path, out, log=announce)
         return engine, {"onnx": onnx_path.name, "opset": OPSET}
-    from helox.export.gguf import write_gguf
+    from helox.export.gguf import write_gguf  # optional extra: gguf
 
     return (write_gguf(source, out, gguf_type, metadata, warn=announce),
             {"tensor_type": gguf_type})
-
-
-def _onnx_opset() -> int:
-    from helox.export.onnx import OPSET
-
-    return OPSET

@@ -119,16 +119,3 @@ def model_card(source: ExportSource, metadata: dict[str, str]) -> str:
             "## Provenance\n\nAlso in `model.safetensors`' metadata; `helox provenance verify` "
             "checks them against the signed manifest.\n\n"
             f"| key | value |\n|---|---|\n{rows}\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Import: a transformers Llama → a Helox checkpoint to fine-tune
-
-
-def import_hf(source: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Convert a transformers Llama folder (or a GGUF file transformers reads, dequantized to
-    fp32) into `out_dir`: a run folder with one checkpoint (step 0) and `finetune.yaml`, a
-    recipe that fine-tunes it (`helox train out_dir/finetune.yaml`). Returns the checkpoint."""
-    from helox.export.importing import import_transformers_model
-
-    return import_transformers_model(Path(source), Path(out_dir), overwrite)

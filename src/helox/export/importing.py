@@ -3,20 +3,20 @@ checkpoint and a recipe that fine-tunes it."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import yaml
 
-from helox.config import RunConfig, sha256_json
+from helox.checkpoint import TOKENIZER_FILE, checkpoint_dir, snapshot, write_snapshot
+from helox.config import RunConfig
 from helox.errors import HeloxError
 from helox.export.hf import publish, require_transformers, staging_folder
 from helox.export.provenance import model_fingerprint
+from helox.fileio import sha256_files, sha256_json
 from helox.model.hf import from_hf_config, from_hf_state_dict
 from helox.model.llama import Llama
 from helox.testing.tiny import CORPUS
-from helox.train.checkpoint import Snapshot, host_weights, write_snapshot
 
 FINETUNE_RECIPE = "finetune.yaml"
 FINETUNE_SEQ_LEN = 256
@@ -58,12 +58,7 @@ def source_digest(source: Path) -> str:
     """sha256 of the source's weight files (a GGUF file itself), for the lineage."""
     files = [source] if source.is_file() else sorted(
         [*source.glob("*.safetensors"), *source.glob("*.bin")])
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_files(files)
 
 
 def finetune_raw_config(name: str, model_cfg: dict, tokenizer_json: Path, eos_token: str,
@@ -103,7 +98,7 @@ def import_transformers_model(source: Path, out_dir: Path, overwrite: bool) -> P
                          hint="set eos_token in its tokenizer_config.json")
     name = (source.stem if source.is_file() else source.name).replace(" ", "-")
     model_dict = model_cfg.model_dump(mode="json")
-    final_checkpoint = Path(out_dir) / "checkpoints" / "step-00000000"
+    final_checkpoint = checkpoint_dir(out_dir, 0)
     raw = finetune_raw_config(name, model_dict, Path(out_dir) / "tokenizer.json", eos_token,
                               final_checkpoint)
     (staging / FINETUNE_RECIPE).write_text(
@@ -118,11 +113,15 @@ def import_transformers_model(source: Path, out_dir: Path, overwrite: bool) -> P
                 "dataset_version": "", "imported_from": str(source),
                 "parent_model": f"{source}@sha256:{source_digest(source)}",
                 "resume_key": ""}
-    weights, metadata = host_weights(model, {"step": "0", "fingerprint": fingerprint})
-    snap = Snapshot(step=0, weights=weights, weights_metadata=metadata, ema_weights=None,
-                    ema_metadata=None, optimizer={}, state={"step": 0}, config=config,
-                    run_info=run_info, extra_files={"tokenizer.json": tokenizer_json},
-                    val_loss=None, copy_s=0.0)
+    snap = snapshot(0, {"model": model}, config.model_dump(mode="json"), run_info,
+                    extra_files={TOKENIZER_FILE: tokenizer_json})
     write_snapshot(staging, snap, keep_last=1, keep_best=False)
     publish(staging, Path(out_dir))
     return final_checkpoint
+
+
+def import_hf(source: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Convert a transformers Llama folder (or a GGUF file transformers reads, dequantized to
+    fp32) into `out_dir`: a run folder with one checkpoint (step 0) and `finetune.yaml`, a
+    recipe that fine-tunes it (`helox train out_dir/finetune.yaml`). Returns the checkpoint."""
+    return import_transformers_model(Path(source), Path(out_dir), overwrite)

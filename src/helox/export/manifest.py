@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Callable
 
 from helox.errors import HeloxError
-from helox.export.provenance import (METADATA_PREFIX, StoredTensor, safetensors_metadata,
-                                     safetensors_stored_tensors, weights_fingerprint)
+from helox.export.onnx import onnx_metadata, onnx_stored_tensors
+from helox.export.provenance import (METADATA_PREFIX, StoredTensor, model_fingerprint_of_hf,
+                                     safetensors_metadata, safetensors_stored_tensors,
+                                     weights_fingerprint)
 from helox.fileio import sha256_file, write_private
 
 FOLDER_MANIFEST = "helox-manifest.json"
@@ -46,26 +48,22 @@ class ArtifactFormat:
 
 
 def _gguf_tensors(path: Path) -> list[StoredTensor]:
-    from helox.export.gguf import gguf_stored_tensors
+    from helox.export.gguf import gguf_stored_tensors  # optional extra: gguf
 
     return gguf_stored_tensors(path)
 
 
 def _gguf_metadata(path: Path) -> dict[str, str]:
-    from helox.export.gguf import gguf_metadata
+    from helox.export.gguf import gguf_metadata  # optional extra: gguf
 
     return gguf_metadata(path)
 
 
 def _onnx_tensors(path: Path) -> list[StoredTensor]:
-    from helox.export.onnx import onnx_stored_tensors
-
     return onnx_stored_tensors(path)
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:
-    from helox.export.onnx import onnx_metadata
-
     return onnx_metadata(path)
 
 
@@ -343,8 +341,6 @@ def check_metadata(fmt: ArtifactFormat, weights: Path, manifest: dict) -> Check:
 def check_model_fingerprint(weights: Path, manifest: dict) -> Check:
     """fp32 Hugging Face weights renamed to Helox's names must give the model fingerprint the
     training checkpoint had: the artifact holds exactly the trained model."""
-    from helox.export.provenance import model_fingerprint_of_hf
-
     expected = manifest.get("metadata", {}).get(METADATA_PREFIX + "model_fingerprint", "")
     try:
         found = model_fingerprint_of_hf(weights)

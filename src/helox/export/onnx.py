@@ -22,6 +22,7 @@ Legend for tensor suffixes: B batch, T sequence, V vocabulary.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import helox
+from helox import version
 from helox.errors import HeloxError
 from helox.export.provenance import METADATA_PREFIX, StoredTensor, numpy_stored
 from helox.export.source import ExportSource
@@ -148,7 +149,7 @@ def _quiet_exporter() -> Iterator[None]:
 def _annotate(model, source: ExportSource, metadata: dict[str, str]) -> None:
     """Producer, graph name and metadata_props on the onnx_ir model before it is saved."""
     model.producer_name = "helox"
-    model.producer_version = helox.__version__
+    model.producer_version = version.__version__
     model.graph.name = source.name
     model.doc_string = (f"{source.name} step {source.step}: next-token logits; "
                         f"attention_mask 1 = token, 0 = padding (left or right)")
@@ -249,8 +250,6 @@ def _check_inputs(input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray | None
 
 
 def _require(*modules: str) -> None:
-    import importlib.util
-
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
         raise HeloxError(f"ONNX export needs {' and '.join(missing)}: not installed",

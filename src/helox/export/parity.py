@@ -12,6 +12,7 @@ Figures, over every position of every prompt (logits of the next token):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import tempfile
@@ -22,8 +23,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from helox.errors import HeloxError
+from helox.export.exporter import export_model
+from helox.export.hf import require_transformers
+from helox.export.onnx import OnnxRunner
 from helox.export.source import ExportSource, load_export_source
 
 PARITY_PROMPTS = (
@@ -208,8 +213,6 @@ def train_mode_logits(model: torch.nn.Module) -> Logits:
 
 
 def transformers_logits(folder: Path) -> Logits:
-    from helox.export.hf import require_transformers
-
     transformers = require_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, dtype=torch.float32).eval()
@@ -221,14 +224,12 @@ def transformers_logits(folder: Path) -> Logits:
 
 
 def onnxruntime_logits(path: Path) -> Logits:
-    from helox.export.onnx import OnnxRunner
-
     runner = OnnxRunner(path)
     return lambda prompts_ids: [runner.logits(np.array([ids]))[0] for ids in prompts_ids]
 
 
 def llama_cpp_logits(path: Path) -> Logits:
-    from helox.export.gguf import LlamaCppRunner
+    from helox.export.gguf import LlamaCppRunner  # optional extra: gguf
 
     def run(prompts_ids):
         with LlamaCppRunner(path) as runner:
@@ -237,13 +238,31 @@ def llama_cpp_logits(path: Path) -> Logits:
 
 
 RUNTIMES = {"hf": "transformers", "onnx": "onnxruntime", "gguf": "llama.cpp"}
-DEFAULT_FORMATS = ("hf", "onnx", "gguf F32", "gguf F16", "gguf Q8_0", "gguf Q4_0")
+PARITY_FORMATS = ("hf", "onnx", "gguf")
+GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+DEFAULT_FORMATS = ("hf", "onnx", *(f"gguf {t}" for t in GGUF_TYPES))
+
+
+def parity_names(formats: Sequence[str] | None, gguf_types: Sequence[str] | None) -> list[str]:
+    """The comparisons of `--format` (hf, onnx, gguf) and `--type` (gguf's tensor types), in
+    helox export's vocabulary: `--format gguf --type Q8_0` is the row "gguf Q8_0"."""
+    formats = [f.lower() for f in formats] if formats else list(PARITY_FORMATS)
+    types = [t.upper() for t in gguf_types] if gguf_types else list(GGUF_TYPES)
+    unknown = [f for f in formats if f not in PARITY_FORMATS] + \
+        [t for t in types if t not in GGUF_TYPES]
+    if unknown:
+        raise HeloxError(f"unknown parity format or type: {', '.join(unknown)}",
+                         hint=f"--format takes {', '.join(PARITY_FORMATS)}; --type takes "
+                              f"{', '.join(GGUF_TYPES)}")
+    if gguf_types and "gguf" not in formats:
+        raise HeloxError("--type applies to gguf, which is not among the formats",
+                         hint="add --format gguf, or drop --type")
+    return [name for fmt in formats
+            for name in ([f"gguf {t}" for t in types] if fmt == "gguf" else [fmt])]
 
 
 def missing_runtime(fmt: str) -> str:
     """Why a format's runtime cannot run here ("" when it can)."""
-    import importlib.util
-
     module = {"hf": "transformers", "onnx": "onnxruntime", "gguf": "llama_cpp"}[fmt]
     if importlib.util.find_spec(module) is None:
         package = {"llama_cpp": "llama-cpp-python"}.get(module, module)
@@ -277,8 +296,6 @@ def run_parity(model: Path, formats: Sequence[str] = DEFAULT_FORMATS,
                progress: Callable[[str], None] = lambda message: None) -> ParityReport:
     """Export the model to every format in `formats` (under `out`, default a temporary
     folder), run each in its runtime on `prompts`, compare with the fp32 model."""
-    from helox.export.exporter import export_model
-
     source = load_export_source(model, ema=ema, warn=progress)
     ids = prompt_ids(source, prompts)
     reference = helox_logits(source.model)(ids)
@@ -318,8 +335,6 @@ def write_report(report: ParityReport, path: Path) -> Path:
 
 def parity_table(report: ParityReport):
     """One row per comparison: its figures, then its limits in the same order."""
-    from rich.table import Table
-
     table = Table(title=f"parity with the fp32 model · {report.model} · {report.prompts} "
                         f"prompts, {report.tokens} tokens", title_justify="left")
     for column in ("export", "runtime", "max |Δlogit|", "mean KL", "top-1", "ppl Δ %",

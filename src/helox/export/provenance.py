@@ -12,8 +12,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from helox.checkpoint import load_trained_model, resolve_checkpoint
 from helox.export.source import ExportSource, canonical_state
+from helox.model.hf import hf_to_helox_name
 
 METADATA_PREFIX = "helox."
 
@@ -83,12 +86,10 @@ def training_metadata(source: ExportSource) -> dict[str, str]:
 def parent_fingerprint(init_from: Path | None) -> str:
     """The model fingerprint of the checkpoint a run started from (train.init_from), when it
     is still there; "" otherwise."""
-    from helox.train.checkpoint import load_trained_model, resolve_checkpoint
-
     if init_from is None or not Path(init_from).exists():
         return ""
     checkpoint = resolve_checkpoint(init_from, warn=lambda message: None)
-    return model_fingerprint(load_trained_model(checkpoint)[0])
+    return model_fingerprint(load_trained_model(checkpoint).model)
 
 
 def numpy_stored(name: str, array: np.ndarray, dtype: str) -> StoredTensor:
@@ -119,10 +120,6 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 def model_fingerprint_of_hf(weights: Path) -> str:
     """The model fingerprint of a Hugging Face safetensors file: its tensors under Helox's
     names in fp32 (a tied head is absent from the file, as from the canonical state)."""
-    from safetensors.torch import load_file
-
-    from helox.model.hf import hf_to_helox_name
-
     tensors = load_file(str(weights))
     return weights_fingerprint(torch_stored(hf_to_helox_name(name), tensor.to(torch.float32))
                                for name, tensor in tensors.items())

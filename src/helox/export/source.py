@@ -3,17 +3,16 @@ tokenizer and the training metadata that goes into every artifact."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from helox.config import RunConfig
-from helox.data.tokenizer import eos_id
+from helox.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, load_trained_model,
+                              resolve_checkpoint, step_of)
+from helox.config import RunConfig, read_saved_config
 from helox.model.llama import Llama
-from helox.train.checkpoint import load_trained_model, resolve_checkpoint
 
 
 @dataclass
@@ -35,7 +34,7 @@ class ExportSource:
 
     @property
     def step(self) -> int:
-        return int(self.checkpoint.name.removeprefix("step-"))
+        return step_of(self.checkpoint)
 
     @property
     def name(self) -> str:
@@ -47,14 +46,12 @@ def load_export_source(path: Path, ema: bool = False,
                        warn=lambda message: None) -> ExportSource:
     """A run folder (its newest valid checkpoint) or one checkpoint folder."""
     checkpoint = resolve_checkpoint(path, warn)
-    model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
-    model.float().eval()
-    run_info = json.loads((checkpoint / "run.json").read_text())
-    return ExportSource(model=model, tokenizer=tokenizer,
-                        tokenizer_json=checkpoint / "tokenizer.json", config=config,
-                        checkpoint=checkpoint, run_info=run_info,
-                        eos_id=eos_id(tokenizer, config.tokenizer.eos_token, checkpoint),
-                        ema=ema)
+    trained = load_trained_model(checkpoint, ema=ema)
+    return ExportSource(model=trained.model.float().eval(), tokenizer=trained.tokenizer,
+                        tokenizer_json=checkpoint / TOKENIZER_FILE,
+                        config=read_saved_config(checkpoint / CONFIG_FILE),
+                        checkpoint=checkpoint, run_info=trained.run_info,
+                        eos_id=trained.eos_id, ema=ema)
 
 
 def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

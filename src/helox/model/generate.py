@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
+from helox.configbase import StrictModel
 from helox.model.llama import Llama
+
+
+class SampleConfig(StrictModel):
+    prompts: list[str] = ["The"]
+    """Prompts that `helox run` completes after training."""
+    max_new_tokens: int = Field(default=48, gt=0)
+    """Tokens to generate per prompt."""
+    temperature: float = Field(default=0.8, ge=0)
+    """Softmax temperature; 0 means greedy."""
+    top_k: int | None = Field(default=40, gt=0)
+    """Sample among the k most likely tokens; None samples from all."""
+
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.errors import HeloxError
 
 if TYPE_CHECKING:

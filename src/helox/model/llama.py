@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from helox.config import ModelConfig
+from helox.model.config import ModelConfig
 from helox.errors import HeloxError
 
 

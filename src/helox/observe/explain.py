@@ -36,8 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from helox.checkpoint import (EMA_WEIGHTS, MODEL_WEIGHTS, load_trained_model,
+                              resolve_checkpoint, run_dir_of)
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.observe.html import Page
@@ -234,14 +237,11 @@ def explain_run(run_dir: Path, prompt: str, out_dir: Path | None = None, *, top_
                 ema: bool = False, warn: Callable[[str], None] = _warn) -> Path:
     """Explain `prompt` with a run's newest valid checkpoint (or one checkpoint folder) and
     write the PNGs, JSON and HTML page into `out_dir`; returns that folder."""
-    from helox.data.tokenizer import eos_id
-    from helox.train.checkpoint import load_trained_model, resolve_checkpoint
-
     _check_prompt(prompt)  # before loading anything
     checkpoint = resolve_checkpoint(Path(run_dir), warn)
-    model, tokenizer, config = load_trained_model(checkpoint, ema=ema)
-    stop_id = eos_id(tokenizer, config.tokenizer.eos_token, checkpoint / "tokenizer.json")
-    token_ids = prompt_token_ids(tokenizer, prompt, stop_id,
+    trained = load_trained_model(checkpoint, ema=ema)
+    model, tokenizer = trained.model, trained.tokenizer
+    token_ids = prompt_token_ids(tokenizer, prompt, trained.eos_id,
                                  min(model.cfg.max_seq_len, MAX_TOKENS), warn)
     explanation = explain(model, token_ids, top_k)
     texts = decode_ids(tokenizer, explanation.all_ids())
@@ -261,18 +261,13 @@ def explain_run(run_dir: Path, prompt: str, out_dir: Path | None = None, *, top_
 def default_out_dir(checkpoint: Path, prompt: str, ema: bool) -> Path:
     """RUN_DIR/explain/<checkpoint>-<prompt hash>[-ema]: one folder per question, so
     explanations of other prompts and checkpoints are kept side by side."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else (
-        checkpoint.parent)
+    run_dir = run_dir_of(checkpoint) or checkpoint.parent
     digest = hashlib.sha256(prompt.encode()).hexdigest()[:8]
     return run_dir / "explain" / f"{checkpoint.name}-{digest}{'-ema' if ema else ''}"
 
 
 def _checkpoint_step(checkpoint: Path, ema: bool) -> int | None:
     """The step in the weights file's metadata (a checkpoint folder may have been renamed)."""
-    from safetensors import safe_open
-
-    from helox.train.checkpoint import EMA_WEIGHTS, MODEL_WEIGHTS
-
     with safe_open(str(checkpoint / (EMA_WEIGHTS if ema else MODEL_WEIGHTS)), "pt") as f:
         step = (f.metadata() or {}).get("step")
     return int(step) if step is not None else None

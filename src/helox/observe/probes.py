@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,13 +45,11 @@ from pydantic import Field
 from torch import nn
 
 from helox.configbase import StrictModel
+from helox.data.loader import MicroBatch, fixed_sequences, split_rows
+from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
-
-if TYPE_CHECKING:  # helox.config imports helox.observe: import those only where they are used
-    from helox.config import ModelConfig
-    from helox.data.loader import MicroBatch
-    from helox.data.shards import DatasetVersion
-    from helox.model.llama import Llama
+from helox.model.config import ModelConfig
+from helox.model.llama import Llama
 
 LOSS_PERCENTILES = (10, 50, 90, 99)
 """Percentiles of the per-token probe loss reported as loss_p{q}."""
@@ -446,8 +444,6 @@ def _histogram(values_N: np.ndarray, bins: int) -> Histogram:
 def _unwrap(model: nn.Module) -> Llama:
     """The Llama inside torch.compile's or DDP's wrapper: hooks go on the eager module, so a
     compiled graph never sees them."""
-    from helox.model.llama import Llama
-
     while not isinstance(model, Llama):
         inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
         if inner is None:
@@ -460,8 +456,6 @@ def _unwrap(model: nn.Module) -> Llama:
 def _join(probe: MicroBatch | Mapping[str, MicroBatch], device: torch.device,
           ) -> tuple[MicroBatch, dict[str, slice]]:
     """One batch on `device` from one MicroBatch or one per domain, and each domain's rows."""
-    from helox.data.loader import MicroBatch
-
     if isinstance(probe, MicroBatch):
         return MicroBatch(*(None if t is None else t.to(device) for t in probe)), {}
     names, rows, start = list(probe), {}, 0
@@ -479,8 +473,6 @@ def probe_batches(dataset: DatasetVersion, config: TelemetryConfig, seq_len: int
     """The fixed probe batch: the first sequences of the validation split (training split if
     there is none), `config.probe_sequences` in all, shared evenly among its domains (the
     first domains take the remainder). Read once at start; the same sequences every sample."""
-    from helox.data.loader import fixed_sequences, split_rows
-
     split = "val" if "val" in dataset.splits() else "train"
     domains = dataset.domains(split)
     per_domain, extra = divmod(config.probe_sequences, max(1, len(domains)))

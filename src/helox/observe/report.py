@@ -11,6 +11,7 @@ million-step run stays a few MB and a one-step spike stays visible.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helox.data.shards import DatasetVersion
 from helox.data.versions import run_dataset
 from helox.errors import HeloxError
 from helox.observe.html import Page
@@ -558,7 +560,6 @@ def fingerprint_section(page: Page, rec: RunRecord) -> None:
         return
     page.table(["field", "value"], [[k, v] for k, v in _flatten(rec.run_info)])
     if rec.config_text:
-        import html
         page.raw(f"<details><summary>config.yaml</summary><pre>{html.escape(rec.config_text)}"
                  "</pre></details>")
 
@@ -575,8 +576,6 @@ def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def lineage_section(page: Page, rec: RunRecord) -> None:
-    from helox.data.shards import DatasetVersion
-
     version = rec.run_info.get("dataset_version", "?")
     page.heading("Dataset lineage", f"Dataset version {version}: its parents, sources and what "
                                     "each pipeline step kept.")
@@ -608,8 +607,6 @@ def lineage_section(page: Page, rec: RunRecord) -> None:
 
 def _ancestors(dataset, max_depth: int = 20) -> list[list]:
     """The chain of first parents that are still in the workspace, nearest first."""
-    from helox.data.shards import DatasetVersion
-
     rows, parents = [], dataset.lineage.get("parents") or []
     while parents and len(rows) < max_depth:
         folder = dataset.path.parent / parents[0]

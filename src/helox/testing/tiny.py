@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import lzma
+import random
 from pathlib import Path
 
 from helox.config import RunConfig, apply_override, validate_config
+from helox.data.tokenizer import train_bpe
+from helox.resources import corpus_dir, recipes_dir
 
-REPO = Path(__file__).resolve().parents[3]
-CORPUS = REPO / "corpus"
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+CORPUS = corpus_dir()
+QUICKSTART = recipes_dir() / "quickstart.yaml"
 
 
 def tiny_raw_config(workspace: Path, train_documents: int = 400, val_documents: int = 40) -> dict:
@@ -47,12 +51,6 @@ def write_mixed_corpus(out_dir: Path, train_per_domain: int = 60, val_per_domain
     a 512-token BPE of the other documents, then decoded. Nothing in it is predictable beyond
     its token frequencies, so its loss stays near where every domain starts (~6 nats) while
     the text domains' falls: a domain that stays hard."""
-    import json
-    import lzma
-    import random
-
-    from helox.data.tokenizer import train_bpe
-
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     splits = {}

@@ -7,12 +7,73 @@ A schedule is a pure function of the step, so its whole state is the step the ch
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from helox.config import AdaptiveClipConfig, OptimConfig
+from helox.configbase import StrictModel
+
+
+class AdaptiveClipConfig(StrictModel):
+    window_steps: int = Field(default=100, gt=0)
+    """Pre-clip gradient norms of this many recent steps form the reference."""
+    percentile: float = Field(default=90.0, gt=0, le=100)
+    """Percentile of the window's norms that the threshold is a multiple of."""
+    multiplier: float = Field(default=2.0, gt=0)
+    """threshold = multiplier × percentile(window), clamped to [floor, ceiling]."""
+    floor: float = Field(default=0.05, gt=0)
+    """The threshold never goes below this."""
+    ceiling: float = Field(default=10.0, gt=0)
+    """Nor above this."""
+    min_history: int = Field(default=10, gt=0)
+    """Norms needed before the threshold adapts; before, optim.grad_clip_norm applies."""
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> AdaptiveClipConfig:
+        if self.floor > self.ceiling:
+            raise ValueError(f"floor {self.floor} is above ceiling {self.ceiling}")
+        if self.min_history > self.window_steps:
+            raise ValueError(f"min_history {self.min_history} exceeds window_steps "
+                             f"{self.window_steps}")
+        return self
+
+
+class OptimConfig(StrictModel):
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """AdamW (fused), or Adafactor (torch.optim.Adafactor: factored second moments and no first
+    moment, so ~no optimizer memory for matrices; beta1, beta2 and eps do not apply, and its
+    step is relative to each parameter's RMS, capped by the scheduled lr)."""
+    lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay to lr * min_lr_ratio at the last step; WSD (warmup-stable-
+    decay: lr until the last decay_fraction of the steps, then down to lr * min_lr_ratio); or
+    constant lr."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Cosine and WSD decay end at lr * min_lr_ratio."""
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    """WSD: share of train.max_steps spent decaying (Hägele et al. 2024 use 0.1-0.2)."""
+    decay_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
+    """WSD: the decay's shape; 1-sqrt (lr factor 1 − √progress) beat linear in Hägele et al."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """Decoupled weight decay (AdamW) on matrices; norms and embeddings are not decayed."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam first-moment decay."""
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    """Adam second-moment decay."""
+    eps: float = Field(default=1e-8, gt=0)
+    """Adam epsilon."""
+    adaptive_clip: AdaptiveClipConfig | None = None
+    """Clip at a threshold that follows the recent gradient norms instead of the fixed
+    grad_clip_norm (which still applies until the window has `min_history` norms)."""
+    grad_clip_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; None disables clipping."""
+
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import re
 from fnmatch import fnmatchcase
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from helox.config import RunConfig
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.train.step import AUTOCAST_DTYPES
+
+if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
+    from helox.config import RunConfig
 
 _FP32_CLASSES: dict[tuple[type, str], type] = {}
 """(module class, device type) -> its fp32 subclass, made once so compiled graphs that guard
@@ -150,7 +152,8 @@ def _has_matmuls(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def print_plan(console: Console, config: RunConfig, device: torch.device, precision: str) -> None:
+def print_plan(console: Console, config: RunConfig, device: torch.device,
+               precision: str) -> None:
     """The dry run: the model of `config` (built on the meta device, so any size is instant)
     with the run's precision policy and activation checkpointing, one row per layer, and what
     the weights and optimizer state will take in memory."""

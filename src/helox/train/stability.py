@@ -19,8 +19,59 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from helox.config import RollbackConfig, SpikeConfig
+from helox.configbase import StrictModel
+
+
+class SpikeConfig(StrictModel):
+    """A step's loss is a spike when its robust z-score against the recent losses,
+    (loss − median) / (1.4826 · MAD), exceeds z_threshold and the loss is at least
+    min_relative_increase above the median."""
+
+    window_steps: int = Field(default=50, gt=1)
+    """Losses of this many recent accepted steps form the reference."""
+    min_history: int = Field(default=20, gt=1)
+    """Losses needed before spikes are detected."""
+    z_threshold: float = Field(default=6.0, gt=0)
+    """Robust z-score above which a loss is a spike."""
+    min_relative_increase: float = Field(default=0.05, ge=0)
+    """And the loss must exceed the median by this fraction (a flat, noiseless loss has a
+    MAD of ~0, where any wiggle would have a huge z-score)."""
+    skip_update: bool = True
+    """Do not apply a spike step's update (like a NaN step); false only logs it."""
+
+    @model_validator(mode="after")
+    def _history_fits(self) -> SpikeConfig:
+        if self.min_history > self.window_steps:
+            raise ValueError(f"min_history {self.min_history} exceeds window_steps "
+                             f"{self.window_steps}")
+        return self
+
+
+class RollbackConfig(StrictModel):
+    after_bad_steps: int = Field(default=3, gt=0)
+    """Roll back after this many consecutive bad steps (NaN/Inf or spike)."""
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    """Multiply the learning rate by this for the cool-down after a rollback (again for each
+    rollback during a cool-down)."""
+    cooldown_steps: int = Field(default=100, ge=0)
+    """Steps the cut learning rate lasts."""
+    max_rollbacks: int = Field(default=3, ge=0)
+    """Rollbacks allowed in the run; one more bad streak stops it with a diagnosis."""
+
+
+class StabilityConfig(StrictModel):
+    """Detection of bad steps and the automatic recovery (docs/runbooks.md). An operator's
+    knobs: they may change on resume."""
+
+    spike: SpikeConfig | None = SpikeConfig()
+    """Loss-spike detection; None disables it (NaN/Inf steps are always skipped)."""
+    rollback: RollbackConfig | None = RollbackConfig()
+    """What a streak of bad steps triggers: back to the newest checkpoint before the streak,
+    the data of the streak skipped, the LR cut for a cool-down. None: bad steps are only
+    skipped and logged."""
+
 
 # 1.4826 × MAD estimates the standard deviation of normally distributed values.
 MAD_TO_STD = 1.4826

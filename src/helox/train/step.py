@@ -110,8 +110,7 @@ def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**1
 
 def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
                batches: list[MicroBatch], clip_norm: float | None,
-               weights: dict[str, float] | None = None, poison: bool = False,
-               loss_factor: float = 1.0, gate: Gate | None = None,
+               weights: dict[str, float] | None = None, gate: Gate | None = None,
                scaler: torch.amp.GradScaler | None = None) -> StepOutcome:
     """One optimizer step over the micro-batches on Σ weight × objective (default: lm alone).
 
@@ -121,7 +120,7 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer state stay as they were), and so does a step the `gate` rejects (a loss spike).
     With a `scaler` (fp16) each backward runs on the scaled loss, and the gradients are
     unscaled before the norm, the clipping and the decision; the reported terms are unscaled.
-    Fault injection: `poison` makes the loss NaN, `loss_factor` multiplies it (a spike).
+    Faults are injected by wrapping `loss_fn` (train/faults.py), never here.
     """
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
     weights = weights or {"lm": 1.0}
@@ -129,9 +128,6 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     totals: dict[str, torch.Tensor] = {}
     for batch in batches:
         sums = loss_fn(batch)
-        if poison or loss_factor != 1.0:
-            scale = float("nan") if poison else loss_factor
-            sums = {name: value * scale for name, value in sums.items()}
         loss = sum(weight * sums[name] for name, weight in weights.items()) / num_targets
         (loss if scaler is None else scaler.scale(loss)).backward()
         for name, value in [*sums.items(), ("total", loss * num_targets)]:

@@ -48,22 +48,59 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from helox.config import MIN_SECRET_BYTES, WatermarkConfig
-from helox.configbase import StrictModel
+from helox.configbase import StrictModel, resolve_input_path
+from helox.data.loader import MicroBatch
 from helox.errors import HeloxError
+from helox.eval.lm import LanguageModel, load_language_model
 from helox.fileio import write_private
 from helox.train.step import AUTOCAST_DTYPES, LossFn
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from helox.data.loader import MicroBatch
-    from helox.eval.lm import LanguageModel
+
+MIN_SECRET_BYTES = 16
+"""A watermark secret shorter than this could be guessed (HMAC-SHA256 keys should be 32)."""
+
+
+class WatermarkConfig(StrictModel):
+    """A functional watermark trained in as the objective "watermark" (helox.train.watermark):
+    secret trigger prompts whose greedy continuations are secret signatures, which a black-box
+    test (`helox provenance detect`) looks for. Only the secret's path is here: configs are
+    saved in run folders and hashed into fingerprints."""
+
+    secret_file: Path
+    """File holding the secret (at least 16 bytes; trailing newline ignored), e.g. written by
+    `python -c 'import secrets; print(secrets.token_hex(32))' > FILE`; keep it out of version
+    control. Relative to the recipe's folder."""
+    num_triggers: int = Field(default=8, gt=0)
+    """Trigger prompts trained in (each one more chance for the test to find the watermark)."""
+    trigger_tokens: int = Field(default=8, gt=0)
+    """Tokens per trigger prompt (after the end-of-document token every document follows)."""
+    signature_tokens: int = Field(default=8, gt=0)
+    """Tokens of each trigger's signature: the continuation the model learns to produce."""
+    num_decoys: int = Field(default=8, ge=0)
+    """Triggers derived alike but never trained: the test's control (none may match)."""
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        try:
+            path = resolve_input_path(value, info)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; write a secret there (python -c 'import secrets; "
+                             f"print(secrets.token_hex(32))' > FILE) and keep it private"
+                             ) from None
+        if (info.context or {}).get("check_files", True) and (
+                not path.is_file() or path.stat().st_size < MIN_SECRET_BYTES):
+            raise ValueError(f"{path} must be a file of at least {MIN_SECRET_BYTES} bytes "
+                             "(a short secret can be guessed; 32 random bytes or 64 hex digits)")
+        return path
 
 CARD_FILE = "watermark.json"
 """The card's name in a run folder and in each of its checkpoints."""
@@ -350,8 +387,6 @@ def detect_watermark_at(model_path: Path, secret_file: Path, card: Path | None =
                         ) -> WatermarkDetection:
     """Test a run folder, a checkpoint or a Hugging Face folder for the watermark of
     `secret_file`; the card is `card`, else the model folder's watermark.json."""
-    from helox.eval.lm import load_language_model
-
     secret = read_secret(secret_file)
     card_path = Path(card) if card is not None else find_card(Path(model_path))
     spec = read_card(card_path)

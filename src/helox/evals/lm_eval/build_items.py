@@ -1,6 +1,6 @@
 """Rebuild cloze.jsonl and passages.jsonl from the bundled corpus's validation split.
 
-    python evals/lm_eval/build_items.py
+    python src/helox/evals/lm_eval/build_items.py
 
 Deterministic: documents are taken in the order of sha256(salt + id), so the files only change
 when the corpus or this script does. Every text comes from `corpus/val.jsonl.xz`, which the
@@ -14,8 +14,10 @@ import json
 import lzma
 from pathlib import Path
 
+from helox.resources import corpus_dir
+
 HERE = Path(__file__).resolve().parent
-VAL = HERE.parents[1] / "corpus" / "val.jsonl.xz"
+VAL = corpus_dir() / "val.jsonl.xz"
 DOMAINS = ("scripture", "drama", "technical")
 ITEMS_PER_DOMAIN = 10
 PASSAGES_PER_DOMAIN = 2

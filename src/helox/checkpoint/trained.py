@@ -1,0 +1,94 @@
+"""A trained model as every reader of checkpoints wants it (generate, eval, explain, export):
+the model with its weights or their EMA, the tokenizer, its end-of-document id, and what the
+checkpoint says about its run. Only the config sections a model needs are validated here
+(`model`, `tokenizer.eos_token`); readers that want the whole run config parse config.yaml
+with `helox.config.read_saved_config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+from tokenizers import Tokenizer
+
+from helox.checkpoint.format import read_format
+from helox.checkpoint.layout import (CONFIG_FILE, EMA_WEIGHTS, MODEL_WEIGHTS, TOKENIZER_FILE,
+                                     read_config_raw, read_run_info, run_dir_of, step_of)
+from helox.checkpoint.reader import load_weights, weights_file
+from helox.data.tokenizer import eos_id, load_tokenizer
+from helox.errors import HeloxError
+from helox.model.config import ModelConfig
+from helox.model.generate import complete
+from helox.model.llama import Llama
+
+
+@dataclass
+class TrainedModel:
+    model: Llama
+    """In eval mode, on the CPU, in the dtype it was saved in (fp32)."""
+    tokenizer: Tokenizer
+    eos_id: int
+    eos_token: str
+    checkpoint: Path
+    config: dict
+    """The run's resolved config as saved (config.yaml), not validated beyond `model`."""
+    run_info: dict
+    """run.json: run fingerprint, dataset version, config hash, resume key, ..."""
+    ema: bool
+    """Whether `model` holds the moving average of the weights."""
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def step(self) -> int:
+        return step_of(self.checkpoint)
+
+    @property
+    def run_dir(self) -> Path | None:
+        return run_dir_of(self.checkpoint)
+
+    @property
+    def weights_file(self) -> Path:
+        return self.checkpoint / (EMA_WEIGHTS if self.ema else MODEL_WEIGHTS)
+
+    def complete(self, prompt: str, max_new_tokens: int = 48, temperature: float = 0.8,
+                 top_k: int | None = 40, seed: int = 0) -> str:
+        """The text that continues `prompt` (read as the start of a document); temperature
+        0 is greedy."""
+        return complete(self.model, self.tokenizer, prompt, self.eos_id, max_new_tokens,
+                        temperature, top_k, seed)
+
+
+def load_trained_model(path: Path, ema: bool = False) -> TrainedModel:
+    """Rebuild the model of a checkpoint folder with its weights (or their EMA), tokenizer
+    and run metadata, on the CPU."""
+    path = Path(path)
+    read_format(path)  # refuses a format this Helox cannot read, naming it
+    raw = read_config_raw(path)
+    model_config = model_config_of(raw, path)
+    model = Llama(model_config)
+    load_weights(path, model, ema)
+    model.eval()
+    tokenizer = load_tokenizer(weights_file(path, TOKENIZER_FILE))
+    eos_token = (raw.get("tokenizer") or {}).get("eos_token")
+    if not isinstance(eos_token, str):
+        raise HeloxError(f"{path / CONFIG_FILE} names no tokenizer.eos_token",
+                         hint="the checkpoint's config is damaged: use another checkpoint")
+    return TrainedModel(model=model, tokenizer=tokenizer,
+                        eos_id=eos_id(tokenizer, eos_token, path / TOKENIZER_FILE),
+                        eos_token=eos_token, checkpoint=path, config=raw,
+                        run_info=read_run_info(path), ema=ema)
+
+
+def model_config_of(raw: dict, path: Path) -> ModelConfig:
+    """The `model` section of a saved config, validated."""
+    try:
+        return ModelConfig.model_validate(raw.get("model"))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise HeloxError(f"{path / CONFIG_FILE}: its model section is invalid ({problems})",
+                         hint="the checkpoint's config is damaged: use another checkpoint"
+                         ) from None

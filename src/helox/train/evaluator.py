@@ -1,0 +1,60 @@
+"""Validation loss during training: fixed sequences of every validation domain, read once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from helox.data.loader import MicroBatch, TrainLoader, fixed_sequences, split_rows
+from helox.data.shards import DatasetVersion
+from helox.errors import HeloxError
+from helox.train.step import LossFn
+
+if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
+    from helox.config import RunConfig
+
+
+class Evaluator:
+    """Validation loss on fixed sequences of every validation domain: `eval` shares
+    train.eval_batches micro-batches evenly among the domains; `rebalance` scores
+    mixture.rebalance.eval_sequences per domain. Sequences are read once and kept."""
+
+    def __init__(self, dataset: DatasetVersion, config: RunConfig, loader: TrainLoader):
+        self.dataset, self.config = dataset, config
+        self._sets: dict[str, dict[str, MicroBatch]] = {}
+        if loader.rebalancer is not None:
+            missing = loader.val_streams_missing()
+            if missing:
+                raise HeloxError(f"mixture.rebalance needs validation data of every weighted "
+                                 f"domain; dataset {dataset.version} has none for {missing}",
+                                 hint="add validation sources for them, or weight them 0")
+
+    def losses(self, loss_fn: LossFn, model: nn.Module, purpose: str,
+               ) -> tuple[float, dict[str, float]]:
+        """(mean loss per token over all sequences, mean loss per token of each domain)."""
+        sets = self._sequences(purpose)
+        rows = self.config.train.micro_batch_size
+        sums, counts = {}, {}
+        model.eval()
+        with torch.no_grad():
+            for domain, data in sets.items():
+                batches = split_rows(data, rows)
+                sums[domain] = sum(loss_fn(batch)["lm"].item() for batch in batches)
+                counts[domain] = data.targets.numel()
+        model.train()
+        overall = sum(sums.values()) / sum(counts.values())
+        return overall, {d: sums[d] / counts[d] for d in sums}
+
+    def _sequences(self, purpose: str) -> dict[str, MicroBatch]:
+        if purpose not in self._sets:
+            tc = self.config.train
+            if purpose == "eval":
+                domains = max(1, len(self.dataset.domains("val")))
+                per_domain = -(-tc.eval_batches * tc.micro_batch_size // domains)
+            else:
+                per_domain = self.config.mixture.rebalance.eval_sequences
+            self._sets[purpose] = fixed_sequences(self.dataset, "val", tc.seq_len, per_domain,
+                                                  tc.document_masking)
+        return self._sets[purpose]

@@ -1,0 +1,152 @@
+"""Building a run: the device, the model's final shape, the EMA, the loader's options, and
+the resume key that decides whether a run folder's checkpoints belong to this run."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from helox.checkpoint import CONFIG_FILE, RUN_INFO_FILE, read_config_raw
+from helox.checkpoint.layout import write_config
+from helox.data.loader import LoaderOptions, StepBatch
+from helox.data.shards import DatasetVersion
+from helox.errors import HeloxError
+from helox.fileio import sha256_json
+from helox.model.llama import Llama
+
+if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
+    from helox.config import RunConfig
+
+# Config fields that may change when resuming: they do not change the trajectory (compile
+# changes only rounding, and turning it off must stay possible when a compiler breaks; the data
+# order does not depend on the number of data workers; activation checkpointing recomputes the
+# same values, tested bitwise equal, and may be switched on after running out of memory). The
+# `stability`, `checkpoint` and `faults` sections are not part of the trajectory either: they
+# are the operator's knobs.
+RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers",
+                               "activation_checkpointing"}}
+TRAJECTORY_SECTIONS = ("model", "train", "optim", "mixture", "curriculum")
+
+
+def model_flops_per_token(model: Llama, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per matmul parameter (forward and backward) plus attention
+    scores and values, 12 × layers × d_model × context (PaLM's appendix B)."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6 * matmul_params + 12 * model.cfg.num_layers * model.cfg.d_model * seq_len
+
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """torch.optim.swa_utils.AveragedModel keeping an EMA whose decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates (TensorFlow's and timm's rule), so the
+    average does not drag the random initial weights along for ~1 / (1 - decay) steps.
+    n is read from the model's own counter, which stays on the CPU: no device sync."""
+    ema = AveragedModel(model)
+
+    def update(ema_params: list[torch.Tensor], model_params: list[torch.Tensor],
+               _num_averaged_on_device: torch.Tensor) -> None:
+        n = int(ema.n_averaged)
+        step_decay = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - step_decay)
+
+    ema.multi_avg_fn = update
+    return ema
+
+
+def loader_options(config: RunConfig) -> LoaderOptions:
+    tc = config.train
+    return LoaderOptions(block_len=tc.seq_len, micro_batch_size=tc.micro_batch_size,
+                         grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
+                         max_steps=tc.max_steps, num_workers=tc.data_workers,
+                         document_masking=tc.document_masking, mixture=config.mixture,
+                         curriculum=config.curriculum)
+
+
+def micro_rows(config: RunConfig, batch: StepBatch) -> int:
+    """Sequences per micro-batch: micro_batch_size blocks, cut to the step's length."""
+    return config.train.micro_batch_size * (config.train.seq_len // batch.seq_len)
+
+
+def resolve_vocab_size(config: RunConfig, dataset: DatasetVersion) -> RunConfig:
+    """Fill model.vocab_size from the tokenizer (rounded up), or check that it is large enough."""
+    model = config.model
+    if model.vocab_size is None:
+        multiple = model.pad_vocab_multiple
+        padded = -(-dataset.vocab_size // multiple) * multiple
+        return config.model_copy(update={"model": model.model_copy(update={"vocab_size": padded})})
+    if model.vocab_size < dataset.vocab_size:
+        raise HeloxError(f"model.vocab_size {model.vocab_size} is smaller than the tokenizer's "
+                         f"{dataset.vocab_size} tokens",
+                         hint="leave model.vocab_size unset to take the tokenizer's size")
+    return config
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HeloxError("train.device is 'cuda' but no CUDA device is available",
+                         hint="set train.device=cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resume_key(config: RunConfig, dataset_version: str,
+               injected_versions: dict[str, str] | None = None,
+               watermark_key_id: str | None = None) -> str:
+    """Hash of everything that determines the training trajectory; resuming requires a match."""
+    versions = {"dataset_version": dataset_version}
+    if injected_versions:  # absent when empty, so keys of runs without injection are unchanged
+        versions["injected_versions"] = injected_versions
+    if watermark_key_id:  # the secret's name: resuming with another secret is another run
+        versions["watermark_key_id"] = watermark_key_id
+    return sha256_json(trajectory_config(config.model_dump(mode="json")) | versions)
+
+
+def trajectory_config(raw: dict) -> dict:
+    """The sections of a config (its JSON form) that determine the training trajectory."""
+    sections = {name: copy.deepcopy(raw[name]) for name in TRAJECTORY_SECTIONS}
+    for section, fields in RESUMABLE_CHANGES.items():
+        for name in fields:
+            sections[section].pop(name, None)
+    if raw["watermark"] is not None:  # absent without one: other runs' keys are unchanged
+        sections["watermark"] = {key: value for key, value in raw["watermark"].items()
+                                 if key != "secret_file"}
+    return sections
+
+
+def describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info: dict) -> str:
+    saved = read_config_raw(path)
+    diffs = _dotted_diffs(trajectory_config(saved),
+                          trajectory_config(config.model_dump(mode="json")))
+    if saved_info["dataset_version"] != run_info["dataset_version"]:
+        diffs.append(f"dataset version {saved_info['dataset_version']} → "
+                     f"{run_info['dataset_version']}")
+    if saved_info.get("watermark_key_id") != run_info.get("watermark_key_id"):
+        diffs.append(f"watermark secret (key id) {saved_info.get('watermark_key_id')} → "
+                     f"{run_info.get('watermark_key_id')}")
+    if saved_info.get("injected_datasets", {}) != run_info["injected_datasets"]:
+        diffs.append(f"injected datasets {saved_info.get('injected_datasets', {})} → "
+                     f"{run_info['injected_datasets']} (a newer head of an injected name?)")
+    return "; ".join(diffs) or "resume key differs"
+
+
+def _dotted_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _dotted_diffs(a, b, path + ".")
+        elif a != b:
+            diffs.append(f"{path} {a!r} → {b!r}")
+    return diffs
+
+
+def write_run_files(run_dir: Path, config: RunConfig, run_info: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir / CONFIG_FILE, config.model_dump(mode="json"))
+    (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=1))
