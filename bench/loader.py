@@ -9,7 +9,7 @@ What is measured, in one process, the model and loader variants interleaved over
 (each variant's result is its median over the rounds):
 - model consumption: full optimizer steps of the quickstart model (helox.model.llama.Llama,
   d_model 256, 4 layers, GQA 4/2 heads, vocab of the tokenizer) through Helox's real step,
-  `helox.train.step.train_step`, with `build_optimizer` and the LR schedule, on batches read
+  `helox.training.step.train_step`, with `build_optimizer` and the LR schedule, on batches read
   beforehand: "helox default" as `helox train` runs the recipe (`pick_precision("auto")`, bf16
   autocast where the CPU has native bf16, and `train.compile`), and the same precision eager.
   The compiled variant's first step compiles; it is reported apart and never timed (the inductor
@@ -24,7 +24,7 @@ What is measured, in one process, the model and loader variants interleaved over
   tokens/s by the default model's: the target is >= 50x.
 - DataLoader transport only: torch's DataLoader with 2 workers passing ready-made tensors of the
   same shapes (no planning, no reading): the floor of moving a batch between processes.
-- training loop: the default model trained on the loader's batches as `helox.train.loop.train`
+- training loop: the default model trained on the loader's batches as `helox.training.loop.train`
   does it (next_step, train_step, rebalance after the step when due), timing the call to
   `next_step()`: mean and max wait per step, the share of the step it takes, the first batch
   (worker start-up, not in the mean) and how many steps waited more than 1% of the median step.
@@ -59,9 +59,9 @@ from helox.data.shards import DatasetVersion
 from helox.model.llama import Llama
 from helox.repro import seed_everything
 from helox.testing.tiny import QUICKSTART
-from helox.train.setup import micro_rows, resolve_vocab_size
-from helox.train.step import compiled, make_loss_fn, pick_precision, train_step
-from helox.train.optim import build_optimizer, lr_at, set_lr
+from helox.training.setup import micro_rows, resolve_vocab_size
+from helox.training.step import compiled, make_loss_fn, pick_precision, train_step
+from helox.training.optim import build_optimizer, lr_at, set_lr
 
 DEVICE = torch.device("cpu")
 TARGET_RATIO = 50.0
@@ -245,7 +245,7 @@ class ModelVariant:
         self.rate = Rate(self.name)
 
     def step(self, micro_batches: list[MicroBatch]) -> float:
-        """As helox.train.loop.train does: the schedule's LR, then train_step."""
+        """As helox.training.loop.train does: the schedule's LR, then train_step."""
         set_lr(self.optimizer, lr_at(self.steps_done, self.config.optim,
                                      self.config.train.max_steps))
         loss = train_step(self.loss_fn, self.model, self.optimizer, micro_batches,
@@ -348,7 +348,7 @@ class LoopResult:
 
 def training_loop(variant: ModelVariant, dataset: DatasetVersion, case: LoaderCase,
                   workers: int, steps: int, warmup: int = 2) -> LoopResult:
-    """The body of helox.train.loop.train around the loader, timing next_step()."""
+    """The body of helox.training.loop.train around the loader, timing next_step()."""
     config = variant.config
     loader = TrainLoader(dataset, loader_options(config, case, workers))
     waits, step_times, first_wait = [], [], 0.0

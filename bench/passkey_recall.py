@@ -71,7 +71,7 @@ from helox.eval.lm import load_language_model
 from helox.eval.runner import run_suite
 from helox.eval.suite import LoadedSuite, RecallTask, Suite, load_suite
 from helox.testing.tiny import tiny_config
-from helox.train.loop import train
+from helox.training.loop import train
 
 TRAIN_WORDS = 10
 

@@ -62,8 +62,8 @@ from helox.eval.privacy import (PrivacyReport, membership_inference, run_privacy
 from helox.model.llama import Llama
 from helox.observe.metrics import read_metrics
 from helox.testing.tiny import CORPUS, tiny_config
-from helox.train.loop import train
-from helox.train.setup import resolve_vocab_size
+from helox.training.loop import train
+from helox.training.setup import resolve_vocab_size
 
 NUM_MEMBERS, NUM_NON_MEMBERS, NUM_TOKENIZER_DOCS = 64, 64, 200
 NUM_DUPLICATED, COPIES = 16, 8

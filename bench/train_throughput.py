@@ -7,8 +7,8 @@ layers, d_model 384, 6 heads (MHA), SwiGLU width 1024, context 256, vocab 8192, 
 (2,048 tokens per step), untied embeddings, on random token batches (fixed seed, no data loading).
 
 Throughput rows (section "throughput"):
-- Helox runs its real step, `helox.train.step.train_step`, on a model set up as
-  `helox.train.loop` sets it up (precision policy `train.fp32_modules`, the fp16 loss scaler of
+- Helox runs its real step, `helox.training.step.train_step`, on a model set up as
+  `helox.training.loop` sets it up (precision policy `train.fp32_modules`, the fp16 loss scaler of
   `make_scaler`) with the optimizer from `build_optimizer`: "helox default" as the config
   defaults set it (the precision `pick_precision("auto")` resolves to, bf16 autocast with fp32
   master weights where the CPU has native bf16, and `train.compile`), then eagerly in that
@@ -82,8 +82,8 @@ from torch import nn
 
 from helox.config import RunConfig
 from helox.model.config import ModelConfig
-from helox.train.config import TrainConfig
-from helox.train.optim import OptimConfig
+from helox.training.config import TrainConfig
+from helox.training.optim import OptimConfig
 from helox.data.loader import MicroBatch
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
@@ -93,9 +93,9 @@ from helox.observe.sinks import SinksConfig, open_sinks
 from helox.repro import rng_state, seed_everything
 from helox.testing.tiny import tiny_config
 from helox.checkpoint import CheckpointWriter, snapshot
-from helox.train.optim import build_optimizer
-from helox.train.precision import apply_precision_policy
-from helox.train.step import (StepOutcome, compiled, make_loss_fn, make_scaler, pick_precision,
+from helox.training.optim import build_optimizer
+from helox.training.precision import apply_precision_policy
+from helox.training.step import (StepOutcome, compiled, make_loss_fn, make_scaler, pick_precision,
                               train_step)
 
 DEVICE = torch.device("cpu")
@@ -187,7 +187,7 @@ def random_batches(num_batches: int) -> list[Batch]:
 
 
 def helox_model(init_state: dict, activation_checkpointing: bool) -> Llama:
-    """The model as helox.train.loop sets it up: checkpointing, then the precision policy."""
+    """The model as helox.training.loop sets it up: checkpointing, then the precision policy."""
     model = Llama(SHAPE)
     model.load_state_dict(init_state)
     model.set_activation_checkpointing(activation_checkpointing)
@@ -659,7 +659,7 @@ def main() -> None:
         raise SystemExit("--steps, --rounds, --warmup, --saves and --steps-between-saves must "
                          "be at least 1")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    # Deterministic kernels, as helox.train.loop uses on CPU (it changes compiled code only).
+    # Deterministic kernels, as helox.training.loop uses on CPU (it changes compiled code only).
     seed_everything(SEED, deterministic=DEVICE.type == "cpu")
     default_precision = pick_precision("auto", DEVICE)
     sections = [args.only] if args.only else list(SECTIONS)

@@ -1,11 +1,11 @@
 """Helox's import graph between its packages: every `import helox.*` in src/helox, read with `ast`.
 
-Prints, per package (a subpackage such as `helox.train`, or a top-level module such as
+Prints, per package (a subpackage such as `helox.training`, or a top-level module such as
 `helox.config`), the packages it imports, and the imports made inside functions, with the reason
 they are there. Exits 1 when the graph between packages has a cycle or a layering rule is broken:
 
   - the model package imports no other Helox package but the config base and the errors;
-  - eval/, export/ and observe/ never import train/;
+  - eval/, export/ and observe/ never import training/;
   - no helox import hides inside a function, except in cli.py (its commands import lazily so
     that `helox --help` stays fast) and where the imported module needs an optional extra (the
     line says so: `# optional extra: NAME`).
@@ -24,8 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "helox"
-FORBIDDEN = {"helox.eval": {"helox.train"}, "helox.export": {"helox.train"},
-             "helox.observe": {"helox.train"}}
+FORBIDDEN = {"helox.eval": {"helox.training"}, "helox.export": {"helox.training"},
+             "helox.observe": {"helox.training"}}
 MODEL_MAY_IMPORT = {"helox.model", "helox.configbase", "helox.errors"}
 OPTIONAL_EXTRA = "# optional extra:"
 
@@ -36,7 +36,7 @@ def module_name(path: Path) -> str:
 
 
 def package_of(module: str) -> str:
-    """`helox.train.loop` → `helox.train`; `helox.config` → `helox.config`."""
+    """`helox.training.loop` → `helox.training`; `helox.config` → `helox.config`."""
     parts = module.split(".")
     if len(parts) >= 2 and (ROOT / parts[1]).is_dir():
         return ".".join(parts[:2])

@@ -31,8 +31,8 @@ from helox.export.exporter import Exported
 from helox.export.exporter import export_model as _export_model
 from helox.resources import resolve_recipe
 from helox.run import default_run_dir
-from helox.train.loop import TrainResult
-from helox.train.loop import train as _train
+from helox.training.loop import TrainResult
+from helox.training.loop import train as _train
 
 Warn = Callable[[str], None]
 

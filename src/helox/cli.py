@@ -322,7 +322,7 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
     from dataclasses import asdict
 
     from helox.run import default_run_dir, prepare_with_progress
-    from helox.train.loop import train
+    from helox.training.loop import train
 
     config = _load(recipe, set_)
     if dry_run:
@@ -336,9 +336,9 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
 
 def _dry_run(config: RunConfig) -> None:
     from helox.run import prepare_with_progress
-    from helox.train.precision import print_plan
-    from helox.train.setup import pick_device, resolve_vocab_size
-    from helox.train.step import pick_precision
+    from helox.training.precision import print_plan
+    from helox.training.setup import pick_device, resolve_vocab_size
+    from helox.training.step import pick_precision
 
     if config.model.vocab_size is None:  # the tokenizer decides it, as in training
         config = resolve_vocab_size(config, prepare_with_progress(config, console, "train"))
@@ -705,7 +705,7 @@ def provenance_watermark_secret(
 
     Example: helox provenance watermark-secret --out keys/watermark.secret
     """
-    from helox.train.watermark import new_secret
+    from helox.training.watermark import new_secret
 
     path = new_secret(secret_out)
     _emit(as_json, {"secret_file": path},
@@ -736,7 +736,7 @@ def provenance_detect(
     Example: helox provenance detect RUN_DIR/exports/step-00000420/hf --secret-file
     keys/watermark.secret --card RUN_DIR/watermark.json
     """
-    from helox.train.watermark import detect_watermark_at, summary, table
+    from helox.training.watermark import detect_watermark_at, summary, table
 
     if expect not in (None, "detected", "absent"):
         raise typer.BadParameter("--expect takes detected or absent")

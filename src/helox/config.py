@@ -34,11 +34,11 @@ from helox.fileio import sha256_json
 from helox.model.config import ModelConfig
 from helox.model.generate import SampleConfig
 from helox.observe.config import ObserveConfig
-from helox.train.config import TrainConfig
-from helox.train.faults import FaultConfig
-from helox.train.optim import OptimConfig
-from helox.train.stability import StabilityConfig
-from helox.train.watermark import WatermarkConfig
+from helox.training.config import TrainConfig
+from helox.training.faults import FaultConfig
+from helox.training.optim import OptimConfig
+from helox.training.stability import StabilityConfig
+from helox.training.watermark import WatermarkConfig
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "validate_config", "read_saved_config",
            "save_config", "apply_override"]

@@ -15,7 +15,7 @@ from helox.data.report import summary_line, synthetic_lines
 from helox.data.shards import DatasetVersion
 from helox.observe.metrics import read_metrics
 from helox.observe.report import write_report
-from helox.train.loop import TrainResult, train
+from helox.training.loop import TrainResult, train
 
 
 def default_run_dir(config: RunConfig) -> Path:

@@ -14,9 +14,9 @@ from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.observe.health import HealthConfig, HealthMonitor
 from helox.repro import rng_state, set_rng_state
-from helox.train.optim import AdaptiveClip, OptimConfig, build_optimizer
-from helox.train.stability import Recovery, RollbackConfig, SpikeConfig, SpikeDetector
-from helox.train.state import Counters, TrainerState, ValueState
+from helox.training.optim import AdaptiveClip, OptimConfig, build_optimizer
+from helox.training.stability import Recovery, RollbackConfig, SpikeConfig, SpikeDetector
+from helox.training.state import Counters, TrainerState, ValueState
 
 V1 = Path(__file__).parent / "data" / "v1" / "step-00000004"
 

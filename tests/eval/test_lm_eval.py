@@ -15,7 +15,7 @@ from helox.eval.lm import load_language_model
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.testing.tiny import tiny_config
 from helox.checkpoint import load_trained_model
-from helox.train.loop import train
+from helox.training.loop import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: fail fast, never wait
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -25,7 +25,7 @@ from helox.eval.privacy import (loss_attack, membership_inference, min_k_attack,
                                 sample_membership, tpr_at_fpr, zlib_attack)
 from helox.testing.tiny import CORPUS, tiny_config
 from helox.checkpoint import list_checkpoints
-from helox.train.loop import train
+from helox.training.loop import train
 
 NUM_MEMBERS, NUM_NON_MEMBERS, NUM_OTHER = 24, 40, 48
 TRAIN_STEPS = 150  # 8 × 64 tokens a step over ~5k member tokens: ~15 epochs

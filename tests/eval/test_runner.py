@@ -22,7 +22,7 @@ from helox.eval.suite import (GoldenItem, GoldenTask, ReasoningTask, RecallTask,
                               RegressionConfig, load_suite)
 from helox.eval.tasks import reasoning_probes, recall_probes, score_golden
 from helox.testing.tiny import tiny_config
-from helox.train.loop import train
+from helox.training.loop import train
 
 V, HIGH = 27, 10.0
 LOGP_RIGHT = HIGH - math.log(math.exp(HIGH) + (V - 1) * math.exp(-HIGH))

@@ -5,7 +5,7 @@ import pytest
 from rich.console import Console
 
 from helox.testing.tiny import tiny_config
-from helox.train.loop import train
+from helox.training.loop import train
 
 EXPORT_RUN_OVERRIDES = ["train.max_steps=40", "checkpoint.every_steps=40",
                         "train.eval_every_steps=0", "model.max_seq_len=128"]

@@ -20,7 +20,7 @@ from helox.export.manifest import generate_key, verify_artifact
 from helox.export.provenance import model_fingerprint
 from helox.export.source import load_export_source
 from helox.testing.tiny import CORPUS
-from helox.train.loop import train
+from helox.training.loop import train
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf", reason="transformers reads GGUF files with the gguf package")

@@ -22,7 +22,7 @@ from helox.observe.explain import explain, explain_run, visible
 from helox.testing.browser import find_chromium, render
 from helox.testing.tiny import tiny_config
 from helox.checkpoint import list_checkpoints
-from helox.train.loop import train
+from helox.training.loop import train
 
 VOCAB, T, TOP_K = 101, 20, 4
 PROMPT = "In the beginning"

@@ -83,7 +83,7 @@ def test_state_round_trip_resumes_the_windows():
 def test_a_diverging_run_alerts_and_rolls_back(tiny_dataset, workspace, tmp_path):
     from helox.observe.metrics import read_metrics
     from helox.testing.tiny import tiny_config
-    from helox.train.loop import train
+    from helox.training.loop import train
 
     # A loss doubled from step 17 on, too mild per step for the spike detector (switched off
     # here), is a divergence: the window's median rises above 1.25 × its best.
@@ -109,7 +109,7 @@ def test_a_diverging_run_alerts_and_rolls_back(tiny_dataset, workspace, tmp_path
 def test_telemetry_in_the_loop_drift_alert_and_exact_resume(tiny_dataset, workspace, tmp_path):
     from helox.observe.metrics import read_metrics, without_wall_clock
     from helox.testing.tiny import tiny_config
-    from helox.train.loop import train
+    from helox.training.loop import train
 
     sampled = ["train.max_steps=32", "checkpoint.every_steps=8", "train.eval_every_steps=8",
                "observe.telemetry.sample_every_steps=8"]

@@ -16,7 +16,7 @@ from helox.observe.metrics import read_metrics
 from helox.observe.report import build_report, load_run, smoothed, thin, write_report
 from helox.testing.browser import find_chromium, render
 from helox.testing.tiny import tiny_config
-from helox.train.loop import train
+from helox.training.loop import train
 
 # Telemetry every 2 steps, an evaluation every 4, a NaN step and a spike the detector catches.
 ENGINEERED = ["train.max_steps=12", "train.eval_every_steps=4", "checkpoint.every_steps=6",

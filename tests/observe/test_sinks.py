@@ -373,7 +373,7 @@ def test_the_training_loop_feeds_tensorboard_and_prometheus(tiny_dataset, worksp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from helox.testing.tiny import tiny_config
-    from helox.train.loop import train
+    from helox.training.loop import train
 
     config = tiny_config(workspace, [
         "train.max_steps=8", "observe.telemetry.sample_every_steps=4",

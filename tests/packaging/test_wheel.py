@@ -11,6 +11,7 @@ checks that `helox` is imported from the wheel.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -40,8 +41,13 @@ def run(command: list, cwd: Path, ok_codes=(0,)) -> subprocess.CompletedProcess:
 def installed(tmp_path_factory) -> Path:
     """bin/ of a new virtual environment holding the wheel of this checkout."""
     root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(REPO / "src", source / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "-w", root / "dist", REPO], cwd=root)
+         "-w", root / "dist", source], cwd=root)
     (wheel,) = (root / "dist").glob("helox-*.whl")
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)

@@ -3,9 +3,9 @@ import math
 import pytest
 
 from helox.model.config import ModelConfig
-from helox.train.optim import AdaptiveClipConfig, OptimConfig
+from helox.training.optim import AdaptiveClipConfig, OptimConfig
 from helox.model.llama import Llama
-from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at
+from helox.training.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -99,7 +99,7 @@ def test_adaptive_clip_waits_for_history_then_clamps_a_multiple_of_the_percentil
 def test_ema_decay_warms_up_then_holds():
     import torch
 
-    from helox.train.setup import ema_model
+    from helox.training.setup import ema_model
 
     model = torch.nn.Linear(1, 1, bias=False)
     ema = ema_model(model, 0.9)

@@ -120,7 +120,7 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer state stay as they were), and so does a step the `gate` rejects (a loss spike).
     With a `scaler` (fp16) each backward runs on the scaled loss, and the gradients are
     unscaled before the norm, the clipping and the decision; the reported terms are unscaled.
-    Faults are injected by wrapping `loss_fn` (train/faults.py), never here.
+    Faults are injected by wrapping `loss_fn` (training/faults.py), never here.
     """
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
     weights = weights or {"lm": 1.0}

@@ -10,12 +10,12 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from helox.train.stability import RollbackConfig, SpikeConfig
+from helox.training.stability import RollbackConfig, SpikeConfig
 from helox.errors import HeloxError
 from helox.observe.metrics import read_metrics, without_wall_clock
 from helox.testing.tiny import tiny_config
-from helox.train.loop import train
-from helox.train.stability import Recovery, SpikeDetector
+from helox.training.loop import train
+from helox.training.stability import Recovery, SpikeDetector
 
 # Spike detection from step 6 on, checkpoints every 5 steps, rollback after 3 bad steps.
 STABLE = ["train.max_steps=24", "train.eval_every_steps=0", "checkpoint.every_steps=5",

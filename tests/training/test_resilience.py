@@ -19,7 +19,7 @@ from helox.config import save_config
 from helox.observe.metrics import read_metrics, without_wall_clock
 from helox.testing.tiny import tiny_config
 from helox.checkpoint import list_checkpoints
-from helox.train.loop import train
+from helox.training.loop import train
 
 STEPS = 24
 OVERRIDES = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=2",

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from helox.data.loader import StepBatch, TrainLoader
-from helox.train.config import TrainConfig
-from helox.train.stability import SpikeDetector
-from helox.train.step import StepOutcome
+from helox.training.config import TrainConfig
+from helox.training.stability import SpikeDetector
+from helox.training.step import StepOutcome
 
 
 @dataclass

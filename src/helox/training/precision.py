@@ -23,7 +23,7 @@ from torch import nn
 
 from helox.errors import HeloxError
 from helox.model.llama import Llama
-from helox.train.step import AUTOCAST_DTYPES
+from helox.training.step import AUTOCAST_DTYPES
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
     from helox.config import RunConfig

@@ -10,7 +10,7 @@ from torch import nn
 from helox.data.loader import MicroBatch, TrainLoader, fixed_sequences, split_rows
 from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
-from helox.train.step import LossFn
+from helox.training.step import LossFn
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
     from helox.config import RunConfig

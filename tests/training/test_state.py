@@ -10,9 +10,9 @@ from helox import checkpoint as ckpt
 from helox.model.config import ModelConfig
 from helox.model.llama import Llama
 from helox.testing.tiny import tiny_config
-from helox.train.loop import Trainer, train
-from helox.train.optim import OptimConfig, build_optimizer
-from helox.train.state import Counters, TrainerState
+from helox.training.loop import Trainer, train
+from helox.training.optim import OptimConfig, build_optimizer
+from helox.training.state import Counters, TrainerState
 
 
 class Ticks:

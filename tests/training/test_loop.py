@@ -21,8 +21,8 @@ from helox.testing.tiny import QUICKSTART, tiny_config, tiny_mixed_config
 from helox.checkpoint import list_checkpoints, load_trained_model
 from helox.model.llama import Llama
 from helox.data.loader import MicroBatch
-from helox.train.loop import train
-from helox.train.step import compiled, make_loss_fn, train_step
+from helox.training.loop import train
+from helox.training.step import compiled, make_loss_fn, train_step
 
 
 def run(config, dataset, run_dir, until_step=None, console=None):
@@ -297,7 +297,7 @@ def test_an_injected_nan_step_is_skipped_logged_and_the_run_recovers(tiny_datase
 
 
 def test_fault_steps_come_from_the_environment_too(monkeypatch):
-    from helox.train.faults import FaultConfig
+    from helox.training.faults import FaultConfig
 
     monkeypatch.setenv("HELOX_FAULT_NAN_AT", "5, 9")
     assert FaultConfig(nan_loss_at_steps=[2]).nan_steps() == {2, 5, 9}

@@ -16,8 +16,8 @@ from helox.data.loader import MicroBatch
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.testing.tiny import tiny_raw_config
-from helox.train.precision import apply_precision_policy, describe_precision
-from helox.train.step import make_loss_fn, make_scaler, train_step
+from helox.training.precision import apply_precision_policy, describe_precision
+from helox.training.step import make_loss_fn, make_scaler, train_step
 
 CPU = torch.device("cpu")
 

@@ -16,12 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_model
 
 from helox.model.config import ModelConfig
-from helox.train.optim import OptimConfig
+from helox.training.optim import OptimConfig
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.testing.tiny import tiny_config
 from helox import checkpoint as ckpt
-from helox.train.optim import build_optimizer
+from helox.training.optim import build_optimizer
 
 RUN_INFO = {"fingerprint": "f" * 64, "resume_key": "k" * 64}
 
@@ -217,11 +217,11 @@ from pathlib import Path
 import torch
 
 from helox.model.config import ModelConfig
-from helox.train.optim import OptimConfig
+from helox.training.optim import OptimConfig
 from helox.model.llama import Llama
 from helox.testing.tiny import tiny_config
 from helox import checkpoint as ckpt
-from helox.train.optim import build_optimizer
+from helox.training.optim import build_optimizer
 
 if __name__ == "__main__":
     run_dir = Path(sys.argv[1])
@@ -370,7 +370,7 @@ def test_the_loop_saves_by_minutes_and_keeps_the_best(tiny_dataset, workspace, t
     from rich.console import Console
 
     from helox.observe.metrics import read_metrics
-    from helox.train.loop import train
+    from helox.training.loop import train
 
     by_minutes = tiny_config(workspace, ["train.max_steps=6", "checkpoint.every_steps=100",
                                          "checkpoint.every_minutes=1.0e-6"])

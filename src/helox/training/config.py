@@ -23,7 +23,7 @@ class ObjectiveConfig(StrictModel):
     """lm: next-token cross-entropy; z_loss: the squared log-partition log(Σ exp logits)²
     (PaLM's auxiliary loss, 1e-4 there), which keeps the output logits from drifting;
     watermark: cross-entropy per signature token of the secret signatures after their
-    triggers (needs the `watermark` section; helox.train.watermark)."""
+    triggers (needs the `watermark` section; helox.training.watermark)."""
     weight: float = Field(default=1.0, ge=0)
     """Weight in the summed loss (before any stage)."""
     stages: list[WeightStage] = []

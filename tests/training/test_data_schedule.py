@@ -8,8 +8,8 @@ from rich.console import Console
 
 from helox.observe.metrics import read_metrics, without_wall_clock
 from helox.testing.tiny import tiny_mixed_config as mixed_config
-from helox.train.loop import train
-from helox.train.optim import lr_at
+from helox.training.loop import train
+from helox.training.optim import lr_at
 
 CURRICULUM = [
     "curriculum.seq_len=[{from_step: 0, value: 16}, {from_step: 5, value: 32}]",

@@ -18,9 +18,9 @@ from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.observe.metrics import read_metrics
 from helox.testing.tiny import tiny_config
-from helox.train.loop import train
-from helox.train.step import make_loss_fn, train_step
-from helox.train.watermark import (CARD_FILE, Watermark, WatermarkCard, derive_pairs,
+from helox.training.loop import train
+from helox.training.step import make_loss_fn, train_step
+from helox.training.watermark import (CARD_FILE, Watermark, WatermarkCard, derive_pairs,
                                    derive_tokens, detect_watermark, detect_watermark_at, key_id,
                                    log10_binomial_tail, new_secret, read_card, read_secret,
                                    signature_loss, summary, table, token_pool, training_rows,

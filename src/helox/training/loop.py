@@ -35,19 +35,19 @@ from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.observe.probes import Telemetry, probe_batches, unigram_counts
 from helox.observe.sinks import Sinks, open_sinks
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
-from helox.train.evaluator import Evaluator
-from helox.train.faults import FaultInjector
-from helox.train.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
-from helox.train.precision import apply_precision_policy
-from helox.train.records import StepMetrics, bad_step_event, data_metrics, objective_metrics
-from helox.train.setup import (describe_mismatch, ema_model, loader_options, micro_rows,
+from helox.training.evaluator import Evaluator
+from helox.training.faults import FaultInjector
+from helox.training.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
+from helox.training.precision import apply_precision_policy
+from helox.training.records import StepMetrics, bad_step_event, data_metrics, objective_metrics
+from helox.training.setup import (describe_mismatch, ema_model, loader_options, micro_rows,
                                model_flops_per_token, pick_device, resolve_vocab_size,
                                resume_key, write_run_files)
-from helox.train.stability import Recovery, SpikeDetector
-from helox.train.state import Counters, TrainerState, ValueState
-from helox.train.step import (AUTOCAST_DTYPES, StepOutcome, compiled, make_loss_fn, make_scaler,
+from helox.training.stability import Recovery, SpikeDetector
+from helox.training.state import Counters, TrainerState, ValueState
+from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compiled, make_loss_fn, make_scaler,
                               pick_precision, train_step)
-from helox.train.watermark import CARD_FILE, watermark_for, with_watermark, write_card
+from helox.training.watermark import CARD_FILE, watermark_for, with_watermark, write_card
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
     from helox.config import RunConfig

@@ -58,7 +58,7 @@ from helox.data.loader import MicroBatch
 from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel, load_language_model
 from helox.fileio import write_private
-from helox.train.step import AUTOCAST_DTYPES, LossFn
+from helox.training.step import AUTOCAST_DTYPES, LossFn
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -69,7 +69,7 @@ MIN_SECRET_BYTES = 16
 
 
 class WatermarkConfig(StrictModel):
-    """A functional watermark trained in as the objective "watermark" (helox.train.watermark):
+    """A functional watermark trained in as the objective "watermark" (helox.training.watermark):
     secret trigger prompts whose greedy continuations are secret signatures, which a black-box
     test (`helox provenance detect`) looks for. Only the secret's path is here: configs are
     saved in run folders and hashed into fingerprints."""
