@@ -16,7 +16,7 @@ from helox.export.provenance import model_fingerprint
 from helox.fileio import sha256_files, sha256_json
 from helox.model.hf import from_hf_config, from_hf_state_dict
 from helox.model.llama import Llama
-from helox.testing.tiny import CORPUS
+from helox.resources import corpus_dir
 
 FINETUNE_RECIPE = "finetune.yaml"
 FINETUNE_SEQ_LEN = 256
@@ -63,11 +63,11 @@ def source_digest(source: Path) -> str:
 
 def finetune_raw_config(name: str, model_cfg: dict, tokenizer_json: Path, eos_token: str,
                         checkpoint: Path) -> dict:
-    """A recipe that starts from the imported checkpoint. Its data is the bundled corpus when
-    Helox runs from a checkout: replace `data` with your own documents."""
+    """A recipe that starts from the imported checkpoint. Its data is the bundled corpus
+    (inside the installed package): replace `data` with your own documents."""
     max_seq_len = model_cfg["max_seq_len"]
-    corpus = {"train": [{"path": str(CORPUS / "train.jsonl.xz")}],
-              "val": [{"path": str(CORPUS / "val.jsonl.xz")}]}
+    corpus = {"train": [{"path": str(corpus_dir() / "train.jsonl.xz")}],
+              "val": [{"path": str(corpus_dir() / "val.jsonl.xz")}]}
     return {
         "name": f"{name}-finetune",
         "data": {"name": f"{name}-finetune", **corpus},
