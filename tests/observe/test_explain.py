@@ -214,7 +214,7 @@ def test_explain_command_writes_pictures_json_and_a_page_that_renders(trained_ru
         assert_picture(png)
 
     if find_chromium() is None:
-        pytest.skip("no Chromium on PATH to render explain.html (apt-get install chromium)")
+        pytest.skip("no Chromium on PATH to render explain.html: `make chromium` installs it")
     rendered = render(folder / "explain.html", screenshot=tmp_path / "explain.png")
     assert rendered.errors == ""
     assert rendered.charts_rendered == rendered.charts_expected == L + 2
