@@ -109,6 +109,8 @@ def main() -> int:
     typing_only: dict[str, set[str]] = defaultdict(set)
     problems, local_helox = [], []
     for path in sorted(ROOT.rglob("*.py")):
+        if not (path.parent / "__init__.py").is_file():
+            continue  # a script among the package data (evals/lm_eval/), not a module
         module = module_name(path)
         package = package_of(module)
         graph.setdefault(package, set())
