@@ -122,3 +122,10 @@ def test_a_required_part_missing_from_a_checkpoint_is_named(tmp_path):
     optional.register("counters", Counters(step=9), required=False)
     optional.restore(ckpt.read_checkpoint(saved))  # kept fresh
     assert optional.parts()["counters"].step == 9
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")  # an export's folder looks like this
+    with pytest.raises(HeloxError, match="not a Helox run or checkpoint folder") as exc_info:
+        ckpt.load_trained_model(tmp_path)
+    assert "helox eval" in exc_info.value.hint

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from helox.errors import HeloxError
+
 CHECKPOINTS_DIR = "checkpoints"
 STEP_PREFIX = "step-"
 CORRUPT_PREFIX = "corrupt-"
@@ -85,7 +87,12 @@ def write_config(path: Path, raw: dict) -> None:
 
 def read_config_raw(folder: Path) -> dict:
     """The config.yaml of a run or checkpoint folder, as written (not validated)."""
-    return yaml.safe_load((Path(folder) / CONFIG_FILE).read_text()) or {}
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise HeloxError(f"{folder} is not a Helox run or checkpoint folder (no {CONFIG_FILE})",
+                         hint="pass a run folder or one of its checkpoint folders; a Hugging "
+                              "Face export is read by `helox eval`")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def read_run_info(folder: Path) -> dict:
