@@ -78,6 +78,14 @@ class OptimConfig(StrictModel):
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Weight decay on 2-D weights except embeddings; norms and embeddings are not decayed."""
+    optimizer_class, groups, options = optimizer_spec(model, cfg)
+    return optimizer_class(groups, **options)
+
+
+def optimizer_spec(model: nn.Module, cfg: OptimConfig,
+                   ) -> tuple[type[torch.optim.Optimizer], list[dict], dict]:
+    """(optimizer class, param groups, constructor options): what `build_optimizer` builds,
+    apart, so that ZeRO-1 (helox.distributed) can shard the same optimizer over ranks."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         is_embedding = name.endswith("embed.weight")
@@ -85,10 +93,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adafactor":
-        return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=True)
+        return torch.optim.Adafactor, groups, {"lr": cfg.lr, "foreach": True}
     device = next(model.parameters()).device
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type in ("cpu", "cuda"))
+    return torch.optim.AdamW, groups, {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2),
+                                       "eps": cfg.eps, "fused": device.type in ("cpu", "cuda")}
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -12,6 +12,7 @@ from typing import Callable, Collection, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from helox.data.loader import MicroBatch
 from helox.errors import HeloxError
@@ -140,6 +141,8 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     # The one host sync of the step, before the update: it decides whether there is one.
     # The scale rides along (scaler.get_scale() would be a sync of its own).
     synced = [*totals.values(), grad_norm.float()]
