@@ -7,6 +7,7 @@ Legend: S steps, G global batch sequences, T sequence length.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -123,3 +124,40 @@ def _parallel(model: Llama, mode: str | None) -> tuple[torch.nn.Module, torch.op
     if mode == "ddp_summed":
         parallel.register_comm_hook(None, _summed)
     return parallel, optimizer
+
+
+def spike_on_one_rank(mode: str, reduce: bool, steps: int = 6, spike_at: int = 3,
+                      seed: int = 0) -> dict:
+    """Rank 1's loss × 10 at step `spike_at` (0-based), under a gate that rejects a loss above
+    1.5 × ln V. With `reduce` the ranks decide on the global loss (train_step's `group`);
+    without, each on its own: the bug a data-parallel loop must not have. Returns each step's
+    skip reason and loss, and the final weights."""
+    rank = dist.get_rank()
+    torch.manual_seed(seed)
+    model = Llama(TINY)
+    parallel, optimizer = _parallel(model, mode)
+    loss_fn = make_loss_fn(parallel, CPU, "fp32")
+    step_now = [0]
+
+    def spiky(batch: MicroBatch) -> dict[str, torch.Tensor]:
+        sums = loss_fn(batch)
+        if rank == 1 and step_now[0] == spike_at:
+            return {name: value * 10 for name, value in sums.items()}
+        return sums
+
+    limit = 1.5 * math.log(TINY.vocab_size)
+    rows = GLOBAL_BATCH // dist.get_world_size()
+    group = dist.group.WORLD if reduce else None
+    reasons, losses = [], []
+    for step, tokens_GT in enumerate(global_batches(steps, seed)):
+        step_now[0] = step
+        local_NT = tokens_GT[rank * rows:(rank + 1) * rows]
+        outcome = train_step(spiky, parallel, optimizer,
+                             [MicroBatch(local_NT[:, :-1], local_NT[:, 1:], None, None)], 1.0,
+                             gate=lambda terms, _norm: "loss_spike" if terms["total"] > limit
+                             else None, group=group)
+        reasons.append(outcome.skip_reason)
+        losses.append(outcome.loss)
+    weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+               for name, p in model.named_parameters()}
+    return {"reasons": reasons, "losses": losses, "weights": weights}

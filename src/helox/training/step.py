@@ -10,6 +10,7 @@ import math
 from typing import Callable, Collection, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -112,7 +113,8 @@ def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**1
 def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimizer,
                batches: list[MicroBatch], clip_norm: float | None,
                weights: dict[str, float] | None = None, gate: Gate | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> StepOutcome:
+               scaler: torch.amp.GradScaler | None = None,
+               group: dist.ProcessGroup | None = None) -> StepOutcome:
     """One optimizer step over the micro-batches on Σ weight × objective (default: lm alone).
 
     Each objective is summed over tokens and divided by the target tokens of *all*
@@ -122,6 +124,9 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     With a `scaler` (fp16) each backward runs on the scaled loss, and the gradients are
     unscaled before the norm, the clipping and the decision; the reported terms are unscaled.
     Faults are injected by wrapping `loss_fn` (training/faults.py), never here.
+    With a data-parallel `group`, the objectives are averaged over its ranks before the
+    decision (the gradient norm already is global): every rank reports the global loss and
+    skips, or steps, together, so the replicas never diverge.
     """
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
     weights = weights or {"lm": 1.0}
@@ -143,6 +148,8 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
     if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
+    if group is not None:  # every data-parallel rank decides on the global figures
+        totals = mean_over_ranks(totals, group)
     # The one host sync of the step, before the update: it decides whether there is one.
     # The scale rides along (scaler.get_scale() would be a sync of its own).
     synced = [*totals.values(), grad_norm.float()]
@@ -165,6 +172,17 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
         update_scale(scaler, reason, loss_scale)
     optimizer.zero_grad(set_to_none=True)
     return StepOutcome(terms["lm"], norm_value, terms, reason, loss_scale)
+
+
+def mean_over_ranks(totals: dict[str, torch.Tensor], group: dist.ProcessGroup,
+                    ) -> dict[str, torch.Tensor]:
+    """Each objective averaged over the group's ranks (one all-reduce of a few numbers; a SUM
+    then a division, as gloo has no AVG), so that ranks with equal token counts report the
+    loss of the global batch."""
+    stacked = torch.stack(list(totals.values()))
+    dist.all_reduce(stacked, group=group)
+    stacked = stacked / dist.get_world_size(group)
+    return dict(zip(totals, stacked.unbind()))
 
 
 def update_scale(scaler: torch.amp.GradScaler, reason: str | None, used_scale: float) -> None:
