@@ -13,8 +13,6 @@ from helox.export.provenance import safetensors_metadata
 from helox.export.source import load_export_source
 from helox.model.generate import generate
 
-transformers = pytest.importorskip("transformers")
-
 TEXTS = ["And God said, Let there be light",
          "ROMEO.\nBut soft, what light through yonder window breaks?",
          "def f(x):\n    return x ** 2  # 1234567890 ünïcödé",
@@ -32,12 +30,16 @@ def signing_key(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["export_run", "untied_run"])
 def exported(request, signing_key, tmp_path_factory):
+    """Writing a Hugging Face folder needs transformers (its config and tokenizer classes): the
+    tests on it skip without, the refusal of an unknown format does not."""
+    pytest.importorskip("transformers")
     run_dir = request.getfixturevalue(request.param)
     out = tmp_path_factory.mktemp("hf") / "model"
     return load_export_source(run_dir), export_model(run_dir, "hf", out, key=signing_key)
 
 
 def load_hf(folder):
+    transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model.eval(), tokenizer
@@ -87,6 +89,7 @@ def test_training_metadata_is_in_the_safetensors_header(exported):
 
 
 def test_a_non_empty_folder_is_not_replaced_unless_asked(export_run, signing_key, tmp_path):
+    pytest.importorskip("transformers")
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
