@@ -326,7 +326,7 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
 
     config = _load(recipe, set_)
     if dry_run:
-        _dry_run(config)
+        _dry_run(config, as_json)
         return
     dataset = prepare_with_progress(config, console, purpose="train")
     result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
@@ -334,16 +334,17 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
           lambda: out.print(f"step {result.step}: checkpoint {result.checkpoint}"))
 
 
-def _dry_run(config: RunConfig) -> None:
+def _dry_run(config: RunConfig, as_json: bool) -> None:
     from helox.run import prepare_with_progress
-    from helox.training.precision import print_plan
+    from helox.training.precision import dry_run_plan, print_plan
     from helox.training.setup import pick_device, resolve_vocab_size
     from helox.training.step import pick_precision
 
     if config.model.vocab_size is None:  # the tokenizer decides it, as in training
         config = resolve_vocab_size(config, prepare_with_progress(config, console, "train"))
     device = pick_device(config.train.device)
-    print_plan(out, config, device, pick_precision(config.train.precision, device))
+    plan = dry_run_plan(config, device, pick_precision(config.train.precision, device))
+    _emit(as_json, plan, lambda: print_plan(out, plan))
 
 
 @app.command()

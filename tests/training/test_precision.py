@@ -2,6 +2,7 @@
 activation checkpointing, on tiny models (tier 1)."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -346,6 +347,11 @@ def test_dry_run_prints_the_layers_and_does_not_train(tmp_path):
     assert "yes" not in next(line for line in lines if "blocks.0.mlp " in line)
     assert "131,392 parameters" in result.stdout and "adamw state 1.0 MiB" in result.stdout
     assert not (tmp_path / "ws" / "runs").exists()
+    plan = json.loads(CliRunner().invoke(app, ["train", recipe, "--dry-run", "--json"]).stdout)
+    layers = {layer["module"]: layer for layer in plan["layers"]}
+    assert layers["blocks.1.mlp"]["checkpointed"] and not layers["blocks.0.mlp"]["checkpointed"]
+    assert layers["blocks.1.mlp"]["params"] == 36_864 and plan["num_params"] == 131_392
+    assert plan["optimizer_state_bytes"] == 8 * 131_392 and plan["checkpointed_blocks"] == 1
 
 
 def test_dry_run_refuses_a_pattern_matching_nothing(tmp_path):

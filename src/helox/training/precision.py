@@ -152,35 +152,49 @@ def _has_matmuls(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def print_plan(console: Console, config: RunConfig, device: torch.device,
-               precision: str) -> None:
+def dry_run_plan(config: RunConfig, device: torch.device, precision: str) -> dict:
     """The dry run: the model of `config` (built on the meta device, so any size is instant)
     with the run's precision policy and activation checkpointing, one row per layer, and what
-    the weights and optimizer state will take in memory."""
+    the weights, gradients and optimizer state will take in memory."""
     with torch.device("meta"):
         model = Llama(config.model)
     model.set_activation_checkpointing(config.train.activation_checkpointing)
     apply_precision_policy(model, config.train.fp32_modules, device.type)
-    table = Table(title=f"{config.name}: {precision} on {device}")
+    layers = []
+    for row in describe_precision(model, precision, config.train.fp32_modules):
+        block = re.match(r"blocks\.(\d+)(\.|$)", row.name)
+        layers.append({"module": row.name, "type": row.kind, "params": row.params,
+                       "compute": row.compute, "checkpointed": block is not None
+                       and int(block[1]) in model.checkpointed_blocks})
+    num_params = model.num_params()
+    return {"name": config.name, "precision": precision, "device": str(device),
+            "layers": layers, "num_params": num_params,
+            "weights_bytes": 4 * num_params,  # fp32 master weights under autocast
+            "gradients_bytes": 4 * num_params,  # and fp32 gradients
+            "optimizer": config.optim.optimizer,
+            "optimizer_state_bytes": optimizer_state_bytes(model, config.optim.optimizer),
+            "checkpointed_blocks": len(model.checkpointed_blocks),
+            "blocks": len(model.blocks)}
+
+
+def print_plan(console: Console, plan: dict) -> None:
+    """`dry_run_plan` as a table and a memory line."""
+    table = Table(title=f"{plan['name']}: {plan['precision']} on {plan['device']}")
     table.add_column("module", no_wrap=True)
     table.add_column("type")
     table.add_column("params", justify="right")
     table.add_column("compute")
     table.add_column("checkpointed")
-    for row in describe_precision(model, precision, config.train.fp32_modules):
-        block = re.match(r"blocks\.(\d+)(\.|$)", row.name)
-        checkpointed = block is not None and int(block[1]) in model.checkpointed_blocks
-        table.add_row(row.name, row.kind, f"{row.params:,}", row.compute,
-                      "yes" if checkpointed else "")
+    for layer in plan["layers"]:
+        table.add_row(layer["module"], layer["type"], f"{layer['params']:,}", layer["compute"],
+                      "yes" if layer["checkpointed"] else "")
     console.print(table)
-    num_params = model.num_params()
-    weight_bytes = 4 * num_params  # fp32 master weights under autocast, and fp32 gradients
-    state_bytes = optimizer_state_bytes(model, config.optim.optimizer)
-    console.print(f"{num_params:,} parameters; weights {_gib(weight_bytes)} + gradients "
-                  f"{_gib(weight_bytes)} + {config.optim.optimizer} state {_gib(state_bytes)} "
-                  f"= {_gib(2 * weight_bytes + state_bytes)} before activations; "
-                  f"{len(model.checkpointed_blocks)} of {len(model.blocks)} blocks "
-                  f"checkpointed", soft_wrap=True)
+    weights, state = plan["weights_bytes"], plan["optimizer_state_bytes"]
+    console.print(f"{plan['num_params']:,} parameters; weights {_gib(weights)} + gradients "
+                  f"{_gib(plan['gradients_bytes'])} + {plan['optimizer']} state {_gib(state)} "
+                  f"= {_gib(weights + plan['gradients_bytes'] + state)} before activations; "
+                  f"{plan['checkpointed_blocks']} of {plan['blocks']} blocks checkpointed",
+                  soft_wrap=True)
 
 
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
