@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from helox.data.loader import MicroBatch
 from helox.distributed.config import ParallelConfig
-from helox.distributed.parallelize import build_mesh, parallelize, zero1_optimizer
 from helox.model.config import ModelConfig
 from helox.model.llama import Llama
 from helox.testing.distributed import run_distributed
-from helox.training.optim import OptimConfig, build_optimizer, optimizer_spec
+from helox.training.optim import OptimConfig
+from helox.training.setup import parallel_training
 from helox.training.step import make_loss_fn, train_step
 
 SHAPE = ModelConfig(vocab_size=8192, d_model=384, num_layers=6, num_heads=6, num_kv_heads=6,
@@ -56,13 +56,7 @@ def measure(cfg: ParallelConfig | None, steps: int) -> dict:
     torch.manual_seed(0)
     model = Llama(SHAPE)
     num_params = model.num_params()
-    if cfg is None:
-        parallel, optimizer = model, build_optimizer(model, OPTIM)
-    else:
-        mesh = build_mesh(cfg, CPU)
-        parallel = parallelize(model, mesh, cfg)
-        optimizer = (zero1_optimizer(*optimizer_spec(parallel, OPTIM), mesh) if cfg.zero1
-                     else build_optimizer(parallel, OPTIM))
+    parallel, optimizer = parallel_training(model, OPTIM, cfg, CPU)
     loss_fn = make_loss_fn(parallel, CPU, "fp32")
     rows = GLOBAL_BATCH // world
     generator = torch.Generator().manual_seed(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helox.testing.distributed import run_distributed
-from helox.testing.parallel_maths import resharded_steps, train_steps
+from helox.testing.parallel_maths import resume_from, save_after, train_steps
 
 STOP_AT = 10
 
@@ -27,12 +27,11 @@ def assert_continues(run: dict, reference: dict) -> None:
 
 
 def test_saved_on_two_ranks_resumes_on_one(tmp_path, reference):
-    run_distributed(resharded_steps, 2, ("fsdp", "-", str(tmp_path / "ckpt"), STOP_AT))
-    assert_continues(resharded_steps("fsdp", None, str(tmp_path / "ckpt"), STOP_AT), reference)
+    run_distributed(save_after, 2, ("fsdp", str(tmp_path / "ckpt"), STOP_AT))
+    assert_continues(resume_from(None, str(tmp_path / "ckpt"), STOP_AT), reference)
 
 
 def test_saved_on_one_process_resumes_on_two_ranks(tmp_path, reference):
-    resharded_steps(None, "-", str(tmp_path / "ckpt"), STOP_AT)
-    for run in run_distributed(resharded_steps, 2, (None, "fsdp", str(tmp_path / "ckpt"),
-                                                     STOP_AT)):
+    save_after(None, str(tmp_path / "ckpt"), STOP_AT)
+    for run in run_distributed(resume_from, 2, ("fsdp", str(tmp_path / "ckpt"), STOP_AT)):
         assert_continues(run, reference)

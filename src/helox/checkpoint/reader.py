@@ -80,25 +80,30 @@ def load_newest_valid(run_dir: Path, warn: Callable[[str], None],
                       quarantine: bool = False, before_step: int | None = None,
                       ) -> Restored | None:
     """Newest checkpoint whose checksums hold (the best one only if it is also the newest),
-    or with `before_step` the newest valid one of an earlier step (a rollback's target);
-    each invalid one is reported through `warn`.
+    or with `before_step` the newest valid one of an earlier step (a rollback's target),
+    read with its trainer state; each invalid one is reported through `warn`.
 
     With `quarantine` (the trainer, which owns the folder) an invalid one is renamed
     `corrupt-step-…`: kept for inspection, never counted by keep-last-K (which could otherwise
     delete a good checkpoint and keep a bad one)."""
+    path = _newest_valid(run_dir, warn, quarantine, before_step)
+    return read_checkpoint(path) if path is not None else None
+
+
+def _newest_valid(run_dir: Path, warn: Callable[[str], None], quarantine: bool = False,
+                  before_step: int | None = None) -> Path | None:
     for path in list_checkpoints(run_dir):
         if before_step is not None and step_of(path) >= before_step:
             continue
         problem = verify_checkpoint(path)
-        if problem:
-            if quarantine:
-                quarantined = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
-                shutil.rmtree(quarantined, ignore_errors=True)
-                os.rename(path, quarantined)
-                problem += f"; moved to {quarantined}"
-            warn(f"skipping checkpoint {path.name}: {problem}")
-            continue
-        return read_checkpoint(path)
+        if problem is None:
+            return path
+        if quarantine:
+            quarantined = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+            shutil.rmtree(quarantined, ignore_errors=True)
+            os.rename(path, quarantined)
+            problem += f"; moved to {quarantined}"
+        warn(f"skipping checkpoint {path.name}: {problem}")
     return None
 
 
@@ -136,13 +141,11 @@ def resolve_checkpoint(path: Path, warn: Callable[[str], None]) -> Path:
 
 
 def newest_valid_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Path:
-    for path in list_checkpoints(run_dir):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        warn(f"skipping checkpoint {path.name}: {problem}")
-    raise HeloxError(f"{run_dir}: no valid checkpoint found",
-                     hint="train first with `helox train RECIPE --run-dir DIR`")
+    path = _newest_valid(run_dir, warn)
+    if path is None:
+        raise HeloxError(f"{run_dir}: no valid checkpoint found",
+                         hint="train first with `helox train RECIPE --run-dir DIR`")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from helox.distributed.config import ParallelConfig
@@ -74,3 +75,9 @@ def zero1_optimizer(optimizer_class: type[torch.optim.Optimizer], groups: list[d
     for group in rest:
         zero.add_param_group(group)
     return zero
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter in full on this rank (FSDP2's shards gathered), by module path."""
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters()}

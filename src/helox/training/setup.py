@@ -15,10 +15,13 @@ from torch.optim.swa_utils import AveragedModel
 from helox.checkpoint import CONFIG_FILE, RUN_INFO_FILE, read_config_raw
 from helox.checkpoint.layout import write_config
 from helox.data.loader import LoaderOptions, StepBatch
+from helox.distributed.config import ParallelConfig
+from helox.distributed.parallelize import build_mesh, parallelize, zero1_optimizer
 from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
 from helox.fileio import sha256_json
 from helox.model.llama import Llama
+from helox.training.optim import OptimConfig, build_optimizer, optimizer_spec
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
     from helox.config import RunConfig
@@ -56,6 +59,20 @@ def ema_model(model: nn.Module, decay: float) -> AveragedModel:
 
     ema.multi_avg_fn = update
     return ema
+
+
+def parallel_training(model: nn.Module, optim: OptimConfig, cfg: ParallelConfig | None,
+                      device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model and its optimizer as they train on the job's mesh: parallelized from outside
+    (helox.distributed), the optimizer built on the parallel model, sharded with ZeRO-1 when
+    asked. `cfg` None: one process, the model itself."""
+    if cfg is None:
+        return model, build_optimizer(model, optim)
+    mesh = build_mesh(cfg, device)
+    parallel = parallelize(model, mesh, cfg)
+    if cfg.zero1:
+        return parallel, zero1_optimizer(*optimizer_spec(parallel, optim), mesh)
+    return parallel, build_optimizer(parallel, optim)
 
 
 def loader_options(config: RunConfig) -> LoaderOptions:
