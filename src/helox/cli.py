@@ -37,6 +37,10 @@ provenance_app = typer.Typer(help="Signing keys, and checks of exported artifact
                                   "step-00000420/hf", no_args_is_help=True)
 app.add_typer(provenance_app, name="provenance")
 
+checkpoint_app = typer.Typer(help="Checkpoints of a run.\n\nExample: helox checkpoint "
+                                    "consolidate workspace/runs/quickstart", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
+
 out = Console(soft_wrap=True)
 """Results: stdout."""
 console = Console(stderr=True)
@@ -309,6 +313,16 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
               until_step: Annotated[Optional[int], typer.Option(
                   help="Stop after this step (checkpointed) as if preempted; the schedule still "
                        "runs to train.max_steps and a later `helox train` resumes.")] = None,
+              nproc: Annotated[Optional[int], typer.Option(
+                  min=1, help="Train on this many processes of this machine, started by "
+                              "torch.distributed.run (gloo on CPU, NCCL on GPUs); the "
+                              "parallel section says how they share the work. Same as "
+                              "`torchrun --standalone --nproc-per-node N -m helox.cli train`."
+                              )] = None,
+              max_restarts: Annotated[int, typer.Option(
+                  min=0, help="With --nproc: start the processes again this many times when "
+                              "one fails; each restart resumes from the newest "
+                              "checkpoint.")] = 0,
               dry_run: Annotated[bool, typer.Option(
                   "--dry-run", help="Print each layer's parameters, compute dtype "
                                     "(train.precision, train.fp32_modules) and activation "
@@ -316,22 +330,63 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
                                     "state; do not train.")] = False,
               as_json: JsonOpt = False) -> None:
     """Train a model from a recipe; resumes from the newest valid checkpoint in the run folder.
+    Under torchrun (or with --nproc) every process is one rank of the job.
 
     Example: helox train quickstart --run-dir workspace/runs/qs --set optim.lr=1e-3
+    Example: helox train quickstart --nproc 2 --set parallel.dp_shard=2
     """
     from dataclasses import asdict
 
-    from helox.run import default_run_dir, prepare_with_progress
+    from helox.distributed.job import join_job, leave_job
+    from helox.run import default_run_dir, prepare_for_job
     from helox.training.loop import train
+    from helox.training.setup import pick_device
 
     config = _load(recipe, set_)
     if dry_run:
         _dry_run(config, as_json)
         return
-    dataset = prepare_with_progress(config, console, purpose="train")
-    result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
-    _emit(as_json, asdict(result),
-          lambda: out.print(f"step {result.step}: checkpoint {result.checkpoint}"))
+    if nproc is not None and nproc > 1:
+        _launch(nproc, max_restarts, ["train", str(recipe), *_repeat("--set", set_ or []),
+                                      *_option("--run-dir", run_dir),
+                                      *_option("--until-step", until_step),
+                                      *(["--json"] if as_json else [])])
+    job = join_job(config.parallel, pick_device(config.train.device))
+    try:
+        dataset = prepare_for_job(config, console, job)
+        result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
+    finally:
+        leave_job(job)
+    if job.main:
+        _emit(as_json, asdict(result),
+              lambda: out.print(f"step {result.step}: checkpoint {result.checkpoint}"))
+
+
+def _launch(nproc: int, max_restarts: int, args: list[str]) -> None:
+    """Become torch.distributed.run starting `nproc` processes of `helox <args>` on this
+    machine (a c10d rendezvous on a free local port); signals reach it directly, and it
+    forwards SIGTERM to every rank."""
+    import os
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+               "-m", "helox.cli", *args]
+    # Restarted workers must not share the rendezvous's TCP store: they would read the dead
+    # round's addresses and fail to connect (pytorch/pytorch#135712).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    console.print(f"starting {nproc} processes: {' '.join(command[1:])}", soft_wrap=True,
+                  markup=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
+
+
+def _repeat(flag: str, values: list[str]) -> list[str]:
+    return [part for value in values for part in (flag, value)]
+
+
+def _option(flag: str, value: Any) -> list[str]:
+    return [] if value is None else [flag, str(value)]
 
 
 def _dry_run(config: RunConfig, as_json: bool) -> None:
@@ -608,6 +663,66 @@ def parity(
     _emit(as_json, {"report": target, **report.as_dict()}, show)
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("launch-file")
+def launch_file(
+    target: Annotated[str, typer.Argument(help="slurm, trainjob (Kubeflow Trainer) or "
+                                               "pytorchjob (Kubeflow Training Operator).")],
+    recipe: Annotated[str, typer.Argument(help="The recipe as the nodes see it: a path on "
+                                               "their shared storage, or a bundled name.")],
+    nodes: Annotated[int, typer.Option(min=1, help="Machines.")] = 1,
+    nproc_per_node: Annotated[int, typer.Option(min=1, help="Processes per machine (one per "
+                                                            "GPU).")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="CPU processes (gloo) instead of one "
+                                                    "GPU each (NCCL).")] = False,
+    run_dir: Annotated[str, typer.Option(help="The run folder, on storage every node "
+                                              "mounts.")] = "workspace/runs/helox",
+    image: Annotated[str, typer.Option(help="Container image with Helox installed "
+                                            "(Kubernetes).")] = "python:3.11",
+    max_restarts: Annotated[int, typer.Option(min=0, help="torchrun restarts after a "
+                                                          "failure (each resumes).")] = 1,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Write the file here "
+                                                                   "instead of stdout.")] = None,
+) -> None:
+    """Print (or write) the file that launches `helox train RECIPE` on a cluster: a Slurm
+    batch script, a Kubeflow TrainJob or a PyTorchJob, for NODES × NPROC_PER_NODE ranks.
+
+    Example: helox launch-file slurm recipes/pretrain.yaml --nodes 4 --nproc-per-node 8
+    """
+    from helox.distributed.launch import LaunchSpec, render
+
+    text = render(target, LaunchSpec(recipe, nodes, nproc_per_node, not cpu, run_dir, image,
+                                     max_restarts))
+    if out_path is None:
+        print(text, end="")
+        return
+    out_path.write_text(text)
+    console.print(f"{target}: {out_path}")
+
+
+@checkpoint_app.command("consolidate")
+def checkpoint_consolidate(
+    model: ModelArg,
+    out_path: Annotated[Optional[Path], typer.Option(
+        "--out", help="The checkpoint folder to write (default: "
+                      "RUN_DIR/consolidated/<checkpoint>).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite a checkpoint saved by a multi-process job (shards in dcp/, one file per rank)
+    in the single-file form one process writes. Helox reads both; this is for other tools.
+
+    Example: helox checkpoint consolidate workspace/runs/quickstart --out ckpt-single
+    """
+    from helox.checkpoint import CONFIG_FILE, resolve_checkpoint
+    from helox.config import read_saved_config
+    from helox.training.consolidate import consolidate, default_out
+
+    source = resolve_checkpoint(model, _warn)
+    written = consolidate(source, out_path or default_out(source),
+                          read_saved_config(source / CONFIG_FILE))
+    _emit(as_json, {"source": str(source), "checkpoint": str(written)},
+          lambda: out.print(f"{source} → {written}"))
 
 
 @app.command("import-hf")

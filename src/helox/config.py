@@ -28,6 +28,7 @@ from helox.configbase import StrictModel, describe_error
 from helox.data.config import DataConfig, TokenizerConfig
 from helox.data.curriculum import CurriculumConfig
 from helox.data.mixing import MixtureConfig
+from helox.distributed.config import ParallelConfig
 from helox.errors import HeloxError
 from helox.eval.config import EvaluationConfig
 from helox.fileio import sha256_json
@@ -89,6 +90,9 @@ class RunConfig(StrictModel):
     """What the run reports about itself: sampled telemetry, health monitors, sinks, MFU."""
     evaluation: EvaluationConfig = EvaluationConfig()
     """The eval suite run during training (its gates are `helox eval`'s)."""
+    parallel: ParallelConfig = ParallelConfig()
+    """How a multi-process job (torchrun, `helox train --nproc`) spreads training: DDP, FSDP2,
+    HSDP or ZeRO-1 over a device mesh; ignored by a single process."""
     faults: FaultConfig = FaultConfig()
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()

@@ -10,9 +10,10 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from helox.checkpoint import list_checkpoints, load_trained_model
 from helox.config import RunConfig
-from helox.data.prepare import prepare_dataset
+from helox.data.prepare import open_version, prepare_dataset
 from helox.data.report import summary_line, synthetic_lines
 from helox.data.shards import DatasetVersion
+from helox.distributed.job import Job, from_main
 from helox.observe.metrics import read_metrics
 from helox.observe.report import write_report
 from helox.training.loop import TrainResult, train
@@ -39,6 +40,15 @@ def prepare_with_progress(config: RunConfig, console: Console,
     for line in synthetic_lines(dataset.report):
         console.print(line, markup=False, soft_wrap=True)
     return dataset
+
+
+def prepare_for_job(config: RunConfig, console: Console, job: Job) -> DatasetVersion:
+    """The dataset a (possibly multi-process) training job reads: rank 0 builds or finds it
+    and records the read in the audit log for the job; the other ranks open the version it
+    names."""
+    version = prepare_with_progress(config, console, "train") if job.main else None
+    chosen = from_main(version.version if version else None, job)
+    return version if job.main else open_version(config, chosen)
 
 
 @dataclass

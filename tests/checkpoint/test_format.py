@@ -85,12 +85,13 @@ def test_a_trainer_registry_resumes_from_a_format_1_checkpoint():
 
 
 def test_a_newer_format_is_refused_naming_its_version(v1_copy):
-    (v1_copy / "format.json").write_text(json.dumps({"format_version": 3, "step": 4}))
-    with pytest.raises(HeloxError, match="format-3 checkpoint; this Helox reads formats 1 to 2"
-                       ) as exc_info:
+    newer = ckpt.FORMAT_VERSION + 1
+    (v1_copy / "format.json").write_text(json.dumps({"format_version": newer, "step": 4}))
+    with pytest.raises(HeloxError, match=f"format-{newer} checkpoint; this Helox reads "
+                                         f"formats 1 to {ckpt.FORMAT_VERSION}") as exc_info:
         ckpt.load_trained_model(v1_copy)
     assert "upgrade Helox" in str(exc_info.value)
-    with pytest.raises(HeloxError, match="format-3"):
+    with pytest.raises(HeloxError, match=f"format-{newer}"):
         ckpt.read_checkpoint(v1_copy)
     (v1_copy / "format.json").write_text("{torn")
     with pytest.raises(HeloxError, match="format.json is unreadable"):

@@ -1,6 +1,6 @@
-"""Checkpoints that reshard: model and optimizer saved by 2 FSDP2 ranks load into 1 process,
-and saved by 1 process load into 2 FSDP2 ranks; the next 10 steps match the uninterrupted
-single-process run (which the 2-rank run matches, tests/distributed/test_maths.py)."""
+"""Checkpoints that reshard: model and optimizer saved by 2 FSDP2 (or ZeRO-1) ranks load into
+1 process, and saved by 1 process load into 2 FSDP2 ranks; the next 10 steps match the
+uninterrupted single-process run (which the 2-rank run matches, tests/distributed/test_maths.py)."""
 
 import pytest
 import torch
@@ -26,8 +26,10 @@ def assert_continues(run: dict, reference: dict) -> None:
         torch.testing.assert_close(run["weights"][name], weight, rtol=1e-5, atol=1e-5)
 
 
-def test_saved_on_two_ranks_resumes_on_one(tmp_path, reference):
-    run_distributed(save_after, 2, ("fsdp", str(tmp_path / "ckpt"), STOP_AT))
+@pytest.mark.parametrize("mode", ["fsdp", "zero1"])
+def test_saved_on_two_ranks_resumes_on_one(tmp_path, reference, mode):
+    """ZeRO-1's ranks each save the optimizer state of the parameters they own."""
+    run_distributed(save_after, 2, (mode, str(tmp_path / "ckpt"), STOP_AT))
     assert_continues(resume_from(None, str(tmp_path / "ckpt"), STOP_AT), reference)
 
 

@@ -11,12 +11,12 @@ from helox.checkpoint.layout import (CHECKPOINTS_DIR, CONFIG_FILE, EMA_WEIGHTS, 
 from helox.checkpoint.reader import (PartialRestore, Restored, best_checkpoint, has_part,
                                      load_newest_valid, load_optimizer, load_optimizer_partial,
                                      load_part, load_weights, load_weights_partial,
-                                     newest_valid_checkpoint, read_checkpoint,
-                                     remove_stale_temporaries, resolve_checkpoint,
+                                     newest_valid, newest_valid_checkpoint, read_checkpoint,
+                                     remove_stale_temporaries, resolve_checkpoint, saved_weights,
                                      verify_checkpoint)
 from helox.checkpoint.trained import TrainedModel, load_trained_model
 from helox.checkpoint.writer import (CheckpointWriter, Snapshot, host_weights, save_checkpoint,
-                                     snapshot, write_snapshot)
+                                     save_distributed, snapshot, write_folder, write_snapshot)
 
 __all__ = [
     "FORMAT_VERSION", "read_format",
@@ -25,9 +25,10 @@ __all__ = [
     "read_config_raw", "read_run_info", "run_dir_of", "step_name", "step_of",
     "PartialRestore", "Restored", "best_checkpoint", "has_part", "load_newest_valid",
     "load_optimizer", "load_optimizer_partial", "load_part", "load_weights",
-    "load_weights_partial", "newest_valid_checkpoint", "read_checkpoint",
-    "remove_stale_temporaries", "resolve_checkpoint", "verify_checkpoint",
+    "load_weights_partial", "newest_valid", "newest_valid_checkpoint", "read_checkpoint",
+    "remove_stale_temporaries", "resolve_checkpoint", "saved_weights", "verify_checkpoint",
     "TrainedModel", "load_trained_model",
-    "CheckpointWriter", "Snapshot", "host_weights", "save_checkpoint", "snapshot",
+    "CheckpointWriter", "Snapshot", "host_weights", "save_checkpoint", "save_distributed",
+    "snapshot", "write_folder",
     "write_snapshot",
 ]

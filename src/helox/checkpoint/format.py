@@ -1,7 +1,13 @@
 """The checkpoint format's version, written into every checkpoint (format.json), and the
 explicit migrations that read older ones.
 
-Format 2 (this one): format.json names the version, the step and the file of every saved
+Format 3 (a multi-process job's checkpoint): as format 2, with parts kept elsewhere: the
+modules and optimizers in dcp/ (torch.distributed.checkpoint, one file per rank, resharded on
+load), each rank's own parts (RNGs, loader) in rank-NNNNN.pt; format.json records the world
+size. A single-process run still writes format 2, which every Helox since the checkpoint layer
+reads.
+
+Format 2: format.json names the version, the step and the file of every saved
 part; state.pt holds one entry per registered trainer part that is neither a module nor an
 optimizer (counters, rng, loader, clip, detector, recovery, health, telemetry, scaler,
 ema_updates), each under its registry name.
@@ -20,7 +26,8 @@ from pathlib import Path
 from helox.checkpoint.layout import FORMAT_FILE, STATE_FILE
 from helox.errors import HeloxError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+SINGLE_PROCESS_VERSION = 2
 
 V1_REQUIRED = ("step", "rng", "loader", "clip", "skipped_steps", "ema_updates", "stability",
                "scaler", "health", "telemetry")
@@ -28,9 +35,13 @@ V1_REQUIRED = ("step", "rng", "loader", "clip", "skipped_steps", "ema_updates", 
 was written before that feature existed, and its trainer state is not migrated."""
 
 
-def format_record(step: int, files: dict[str, str]) -> dict:
-    """format.json: the version, the step, and which file holds each saved part."""
-    return {"format_version": FORMAT_VERSION, "step": step, "parts": files}
+def format_record(step: int, files: dict[str, str], world_size: int = 1) -> dict:
+    """format.json: the version, the step, and which file holds each saved part (and the
+    world size of a multi-process job, whose checkpoints are format 3)."""
+    if world_size == 1:
+        return {"format_version": SINGLE_PROCESS_VERSION, "step": step, "parts": files}
+    return {"format_version": FORMAT_VERSION, "step": step, "parts": files,
+            "world_size": world_size}
 
 
 def write_format(folder: Path, record: dict) -> None:

@@ -15,12 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from helox.checkpoint.format import migrate_state, read_format, step_from
-from helox.checkpoint.layout import (CHECKSUMS_FILE, CORRUPT_PREFIX, EMA_WEIGHTS,
+from helox.checkpoint.layout import (CHECKSUMS_FILE, CORRUPT_PREFIX, EMA_WEIGHTS, FORMAT_FILE,
                                      MODEL_WEIGHTS, OPTIMIZER_FILE, STATE_FILE, TEMP_PREFIX,
                                      checkpoint_root, is_checkpoint_name, list_checkpoints,
                                      step_of)
+from helox.checkpoint.sharded import (SHARDED, dcp_tensors, is_distributed, load_dcp_part,
+                                      load_full_module, load_full_optimizer, rank_file)
 from helox.checkpoint.writer import OPTIMIZER_CLASS, PARAM_NAMES, param_names, read_best
 from helox.errors import HeloxError
 from helox.fileio import sha256_file
@@ -31,7 +34,10 @@ class Restored:
     path: Path
     step: int
     state: dict
-    """state.pt in the current format: the non-module, non-optimizer parts by name."""
+    """The non-module, non-optimizer parts by name: state.pt in the current format, with the
+    reading rank's own parts (RNGs, loader) from its rank file in a multi-process checkpoint."""
+    files: dict[str, str] = field(default_factory=dict)
+    """format.json's part → file (empty for format 1)."""
 
 
 @dataclass
@@ -67,18 +73,25 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: Path) -> Restored:
-    """A verified checkpoint's step and trainer state, migrated to the current format."""
+def read_checkpoint(path: Path, rank: int = 0) -> Restored:
+    """A verified checkpoint's step and trainer state, migrated to the current format. In a
+    multi-process checkpoint, `rank`'s own parts come from its rank file, or from rank 0's
+    when the checkpoint was saved by fewer ranks (a resume on a larger job: the loader's
+    position is the same on every rank, and every rank seeds its RNGs alike)."""
     record = read_format(path)
     state_file = Path(path) / STATE_FILE
     state = torch.load(state_file, weights_only=True) if state_file.is_file() else {}
     state = migrate_state(Path(path), record["format_version"], state)
-    return Restored(path=Path(path), step=step_from(record, state), state=state)
+    own = Path(path) / rank_file(rank if rank < record.get("world_size", 1) else 0)
+    if own.is_file():
+        state |= torch.load(own, weights_only=True)
+    return Restored(path=Path(path), step=step_from(record, state), state=state,
+                    files=record.get("parts", {}))
 
 
 def load_newest_valid(run_dir: Path, warn: Callable[[str], None],
                       quarantine: bool = False, before_step: int | None = None,
-                      ) -> Restored | None:
+                      rank: int = 0) -> Restored | None:
     """Newest checkpoint whose checksums hold (the best one only if it is also the newest),
     or with `before_step` the newest valid one of an earlier step (a rollback's target),
     read with its trainer state; each invalid one is reported through `warn`.
@@ -86,12 +99,13 @@ def load_newest_valid(run_dir: Path, warn: Callable[[str], None],
     With `quarantine` (the trainer, which owns the folder) an invalid one is renamed
     `corrupt-step-…`: kept for inspection, never counted by keep-last-K (which could otherwise
     delete a good checkpoint and keep a bad one)."""
-    path = _newest_valid(run_dir, warn, quarantine, before_step)
-    return read_checkpoint(path) if path is not None else None
+    path = newest_valid(run_dir, warn, quarantine, before_step)
+    return read_checkpoint(path, rank) if path is not None else None
 
 
-def _newest_valid(run_dir: Path, warn: Callable[[str], None], quarantine: bool = False,
-                  before_step: int | None = None) -> Path | None:
+def newest_valid(run_dir: Path, warn: Callable[[str], None], quarantine: bool = False,
+                 before_step: int | None = None) -> Path | None:
+    """The folder `load_newest_valid` would read (None when there is none)."""
     for path in list_checkpoints(run_dir):
         if before_step is not None and step_of(path) >= before_step:
             continue
@@ -131,7 +145,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 def resolve_checkpoint(path: Path, warn: Callable[[str], None]) -> Path:
     """A checkpoint folder as given, or a run folder's newest valid checkpoint."""
     path = Path(path)
-    if (path / MODEL_WEIGHTS).is_file():
+    if (path / MODEL_WEIGHTS).is_file() or (path / FORMAT_FILE).is_file():
         return path
     if not path.is_dir():
         raise HeloxError(f"{path} does not exist",
@@ -141,7 +155,7 @@ def resolve_checkpoint(path: Path, warn: Callable[[str], None]) -> Path:
 
 
 def newest_valid_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Path:
-    path = _newest_valid(run_dir, warn)
+    path = newest_valid(run_dir, warn)
     if path is None:
         raise HeloxError(f"{run_dir}: no valid checkpoint found",
                          hint="train first with `helox train RECIPE --run-dir DIR`")
@@ -152,22 +166,55 @@ def newest_valid_checkpoint(run_dir: Path, warn: Callable[[str], None]) -> Path:
 # Loading: exact (resume, rollback) and partial (warm start from a different parameter set)
 
 
-def load_part(restored: Restored, name: str, part: Any) -> None:
+def load_part(restored: Restored, name: str, part: Any, model: nn.Module | None = None,
+              ) -> None:
     """One registered part from the checkpoint, exactly: a module from NAME.safetensors, an
     optimizer from NAME.pt, anything else from its entry in state.pt (`snapshot` wrote them
-    so)."""
-    if isinstance(part, nn.Module):
-        load_model(part, str(weights_file(restored.path, f"{name}.safetensors")), strict=True)
+    so); a module or optimizer a multi-process job saved from dcp/, resharded. A part of a
+    distributed job (DDP, FSDP2, ZeRO-1) takes its shards of the single-file form. An
+    optimizer's parameters are named after `model`."""
+    if restored.files.get(name) == SHARDED:
+        load_dcp_part(restored.path, name, part, model)
+    elif isinstance(part, nn.Module):
+        file = weights_file(restored.path, f"{name}.safetensors")
+        if is_distributed(part):
+            load_full_module(part, file)
+        else:
+            load_model(part, str(file), strict=True)
     elif isinstance(part, torch.optim.Optimizer):
-        load_optimizer(restored.path, part, f"{name}.pt")
+        if is_distributed(part) or is_distributed(model):
+            saved = torch.load(restored.path / f"{name}.pt", weights_only=True)
+            load_full_optimizer(model, part, saved, PARAM_NAMES)
+        else:
+            load_optimizer(restored.path, part, f"{name}.pt")
     else:
         part.load_state_dict(restored.state[name])
 
 
 def load_weights(path: Path, model: nn.Module, ema: bool = False) -> None:
-    """The checkpoint's weights, or with `ema` its moving average, into `model`."""
+    """The checkpoint's weights, or with `ema` its moving average, into `model` (from dcp/
+    when a multi-process job saved them)."""
+    name = "ema" if ema else "model"
+    if _parts(path).get(name) == SHARDED:
+        load_dcp_part(path, name, model)
+        return
     file = weights_file(path, EMA_WEIGHTS if ema else MODEL_WEIGHTS)
     load_model(model, str(file), strict=True)
+
+
+def saved_weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (or their EMA) in full, by parameter path, whichever form
+    they were saved in (tied names included)."""
+    name = "ema" if ema else "model"
+    if _parts(path).get(name) == SHARDED:
+        return dcp_tensors(path, name)
+    file = weights_file(path, EMA_WEIGHTS if ema else MODEL_WEIGHTS)
+    saved = load_file(str(file))
+    return saved | {alias: saved[kept] for alias, kept in _tied_aliases(file, saved).items()}
+
+
+def _parts(path: Path) -> dict[str, str]:
+    return read_format(path).get("parts", {})
 
 
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer,
@@ -185,25 +232,29 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer,
 def load_weights_partial(path: Path, model: nn.Module, ema: bool = False) -> PartialRestore:
     """Copy each tensor of the checkpoint whose name and shape match into `model`; the rest
     of the model keeps its values (a warm start, a grown model)."""
-    file = weights_file(path, EMA_WEIGHTS if ema else MODEL_WEIGHTS)
-    saved = load_file(str(file))
-    aliases = _tied_aliases(file, saved)
+    saved = saved_weights(path, ema)
     report = PartialRestore()
-    used = set()
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
-            source = name if name in saved else aliases.get(name)
-            if source is None:
+            if name not in saved:
                 report.fresh[name] = "not in the checkpoint"
-                continue
-            used.add(source)
-            if saved[source].shape != tensor.shape:
-                report.fresh[name] = _shape_change(saved[source].shape, tensor.shape)
+            elif saved[name].shape != tensor.shape:
+                report.fresh[name] = _shape_change(saved[name].shape, tensor.shape)
             else:
-                tensor.copy_(saved[source])
+                _copy_full(tensor, saved[name])
                 report.loaded.append(name)
+    used = set(report.loaded) | set(report.fresh)
     report.dropped = sorted(set(saved) - used)
     return report
+
+
+def _copy_full(tensor: torch.Tensor, full: torch.Tensor) -> None:
+    """A full tensor into a parameter, or into this rank's shard of an FSDP2 parameter."""
+    if isinstance(tensor, DTensor):
+        full = distribute_tensor(full.to(tensor.dtype), tensor.device_mesh, tensor.placements)
+        tensor.to_local().copy_(full.to_local())
+    else:
+        tensor.copy_(full)
 
 
 def load_optimizer_partial(path: Path, optimizer: torch.optim.Optimizer,
@@ -213,6 +264,12 @@ def load_optimizer_partial(path: Path, optimizer: torch.optim.Optimizer,
     hyperparameters stay those of `optimizer` (the new run's config)."""
     names = param_names(optimizer, model)
     file = Path(path) / OPTIMIZER_FILE
+    if _parts(path).get("optimizer") == SHARDED or is_distributed(optimizer) \
+            or is_distributed(model):
+        raise HeloxError(f"{path}: a warm start of optimizer states is done by one process "
+                         "from a single-file checkpoint",
+                         hint="write one with `helox checkpoint consolidate`, or set "
+                              "train.init_optimizer=false to load only the weights")
     if not file.is_file():  # an imported model: weights without optimizer state
         return PartialRestore(fresh={name: "the checkpoint has no optimizer state"
                                      for group_names in names for name in group_names})
@@ -302,6 +359,8 @@ def weights_file(path: Path, name: str) -> Path:
 
 def has_part(restored: Restored, name: str, part: Any) -> bool:
     """Whether the checkpoint holds `name` where `load_part` would read it."""
+    if restored.files.get(name) == SHARDED:
+        return True
     if isinstance(part, nn.Module):
         return (restored.path / f"{name}.safetensors").is_file()
     if isinstance(part, torch.optim.Optimizer):

@@ -9,15 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from helox.checkpoint.format import read_format
-from helox.checkpoint.layout import (CONFIG_FILE, EMA_WEIGHTS, MODEL_WEIGHTS, TOKENIZER_FILE,
-                                     read_config_raw, read_run_info, run_dir_of, step_of)
+from helox.checkpoint.layout import (CHECKSUMS_FILE, CONFIG_FILE, EMA_WEIGHTS, MODEL_WEIGHTS,
+                                     TOKENIZER_FILE, read_config_raw, read_run_info, run_dir_of,
+                                     step_of)
 from helox.checkpoint.reader import load_weights, weights_file
+from helox.checkpoint.sharded import DCP_FOLDER
 from helox.data.tokenizer import eos_id, load_tokenizer
 from helox.errors import HeloxError
+from helox.fileio import sha256_file, sha256_json
 from helox.model.config import ModelConfig
 from helox.model.generate import complete
 from helox.model.llama import Llama
@@ -50,9 +55,16 @@ class TrainedModel:
     def run_dir(self) -> Path | None:
         return run_dir_of(self.checkpoint)
 
-    @property
-    def weights_file(self) -> Path:
-        return self.checkpoint / (EMA_WEIGHTS if self.ema else MODEL_WEIGHTS)
+    def weights_digest(self, chars: int = 12) -> str:
+        """First hex digits of the sha256 of the weights as stored: the weights file, or the
+        checksums of a multi-process checkpoint's dcp/ files. Two versions with one name
+        stay apart."""
+        file = self.checkpoint / (EMA_WEIGHTS if self.ema else MODEL_WEIGHTS)
+        if file.is_file():
+            return sha256_file(file)[:chars]
+        checksums = json.loads((self.checkpoint / CHECKSUMS_FILE).read_text())
+        return sha256_json({name: digest for name, digest in checksums.items()
+                            if name.startswith(f"{DCP_FOLDER}/")})[:chars]
 
     def complete(self, prompt: str, max_new_tokens: int = 48, temperature: float = 0.8,
                  top_k: int | None = 40, seed: int = 0) -> str:

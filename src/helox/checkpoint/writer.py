@@ -15,6 +15,9 @@ One checkpoint, RUN_DIR/checkpoints/step-<8 digits>/:
 A module part named N goes to N.safetensors, an optimizer part to N.pt, anything else with
 `state_dict` into state.pt.
 
+A multi-process job (`save_distributed`) writes the modules and optimizers through DCP into
+dcp/ (each rank its shards) and each rank's own parts into rank-NNNNN.pt instead (format 3).
+
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place, so
 a crash (even `kill -9`) mid-save leaves either the old set of checkpoints or the new one.
 
@@ -34,16 +37,18 @@ import shutil
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import _remove_duplicate_names, save_file
 from torch import nn
 
 from helox.checkpoint.config import CheckpointConfig
 from helox.checkpoint.format import format_record, write_format
+from helox.checkpoint.sharded import RANK_FILES, SHARDED, rank_file, save_dcp, sharded_state
 from helox.checkpoint.layout import (BEST_FILE, CHECKSUMS_FILE, CONFIG_FILE, RUN_INFO_FILE,
                                      STATE_FILE, TEMP_PREFIX, checkpoint_dir, checkpoint_root,
                                      list_checkpoints, write_config)
@@ -75,11 +80,16 @@ class Snapshot:
     copy_s: float
     """Seconds the training thread spent taking the copy."""
 
+    world_size: int = 1
+    """Processes of the job that saved it."""
+    sharded: dict[str, str] = field(default_factory=dict)
+    """Parts another writer keeps (a distributed save: dcp/ and the rank files) → their file."""
+
     def files(self) -> dict[str, str]:
         """Part name → the file that holds it (format.json's `parts`)."""
         return {**{name: f"{name}.safetensors" for name in self.weights},
                 **{name: f"{name}.pt" for name in self.optimizers},
-                **{name: STATE_FILE for name in self.state}}
+                **{name: STATE_FILE for name in self.state}, **self.sharded}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +203,29 @@ def write_snapshot(run_dir: Path, snap: Snapshot, keep_last: int, keep_best: boo
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _write_files(tmp, snap, crash_halfway)
+    _publish(tmp, final, snap, keep_last, keep_best)
+    return final
+
+
+def write_folder(final: Path, snap: Snapshot) -> Path:
+    """Write `snap` as the checkpoint folder `final` (anywhere, no run folder around it):
+    temporary folder, checksums, fsync, rename. Refuses to replace an existing folder."""
+    if final.exists():
+        raise HeloxError(f"{final} exists", hint="pass another --out, or delete it first")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TEMP_PREFIX}{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_files(tmp, snap, crash_halfway=False)
+    _seal(tmp)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    return final
+
+
+def _publish(tmp: Path, final: Path, snap: Snapshot, keep_last: int, keep_best: bool) -> None:
+    """Seal the written temporary folder, rename it into place, then best.json and pruning."""
+    root = final.parent
     _seal(tmp)
     if final.exists():  # the same step saved again after a fall-back to an older checkpoint
         _forget_best_if(root, final.name)
@@ -202,6 +235,43 @@ def write_snapshot(run_dir: Path, snap: Snapshot, keep_last: int, keep_best: boo
     if keep_best:
         _record_if_best(root, final, snap.step, snap.val_loss)
     prune(root, keep_last, keep_best)
+
+
+def save_distributed(run_dir: Path, step: int, parts: Mapping[str, Any], per_rank: set[str],
+                     config: dict, run_info: dict, rank: int, world_size: int, keep_last: int,
+                     keep_best: bool = True, extra_files: dict[str, Path] | None = None,
+                     val_loss: float | None = None) -> Path:
+    """Checkpoint `step` of a multi-process job; every rank calls this with its own `parts`.
+    The modules and optimizers go through DCP into dcp/ (each rank its shards), the parts
+    named in `per_rank` into each rank's rank-NNNNN.pt, and rank 0 writes the rest (the parts
+    every rank holds alike, the config, run.json, extra files), seals the folder with the
+    checksums of every rank's files and renames it into place: the one-process protocol, with
+    barriers so that rank 0 seals only what every rank has written."""
+    root = checkpoint_root(run_dir)
+    final = checkpoint_dir(run_dir, step)
+    tmp = root / f"{TEMP_PREFIX}{final.name}-job"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    sharded = sharded_state(parts)
+    save_dcp(tmp, sharded)
+    own_file = tmp / rank_file(rank)
+    torch.save({name: host_copy(parts[name].state_dict()) for name in per_rank}, own_file)
+    fsync_path(own_file)
+    if rank == 0:
+        shared = {name: part for name, part in parts.items()
+                  if name not in per_rank and name not in sharded}
+        snap = snapshot(step, shared, config, run_info, extra_files, val_loss)
+        snap.world_size = world_size
+        snap.sharded = {**{name: SHARDED for name in sharded},
+                        **{name: RANK_FILES for name in per_rank}}
+        _write_files(tmp, snap, crash_halfway=False)
+    dist.barrier()
+    if rank == 0:
+        _publish(tmp, final, snap, keep_last, keep_best)
+    dist.barrier()  # no rank reads or writes checkpoints before this one is in place
     return final
 
 
@@ -215,7 +285,7 @@ def _write_files(folder: Path, snap: Snapshot, crash_halfway: bool) -> None:
         torch.save(state, folder / files[name])
     if snap.state:
         torch.save(snap.state, folder / STATE_FILE)
-    write_format(folder, format_record(snap.step, files))
+    write_format(folder, format_record(snap.step, files, snap.world_size))
     write_config(folder / CONFIG_FILE, snap.config)
     (folder / RUN_INFO_FILE).write_text(json.dumps(snap.run_info, indent=1))
     for name, source in snap.extra_files.items():
@@ -223,12 +293,13 @@ def _write_files(folder: Path, snap: Snapshot, crash_halfway: bool) -> None:
 
 
 def _seal(folder: Path) -> None:
-    """checksums.json over every file, then fsync the files and the folder."""
-    checksums = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+    """checksums.json over every file (those in subfolders by their relative path), then
+    fsync the files and the folders."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    checksums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
     (folder / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1))
-    for path in folder.iterdir():
+    for path in [*folder.rglob("*"), folder]:
         fsync_path(path)
-    fsync_path(folder)
 
 
 def _record_if_best(root: Path, final: Path, step: int, val_loss: float | None) -> None:

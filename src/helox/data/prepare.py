@@ -93,6 +93,12 @@ def open_named(config: PrepareConfig, reference: str, purpose: str = "train") ->
     return dataset
 
 
+def open_version(config: PrepareConfig, version: str) -> DatasetVersion:
+    """A dataset version by id, without an audit record: for the other ranks of a job whose
+    rank 0 opened it through `prepare_dataset` or `open_named` (and was recorded)."""
+    return versions.open_usable(datasets_dir(config), version)
+
+
 def _authorize_read(gov: Path, dataset: DatasetVersion, principal: str, purpose: str) -> None:
     if dataset.name not in access.list_acl(gov):
         # Built before access control existed: its first user becomes the owner.

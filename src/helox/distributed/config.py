@@ -33,6 +33,9 @@ class ParallelConfig(StrictModel):
     def degrees(self, world_size: int) -> tuple[int, int]:
         """(dp_replicate, dp_shard) for `world_size` processes; an error naming both numbers
         when they do not multiply to it."""
+        if self.dp_shard == -1 and world_size % self.dp_replicate:
+            raise ValueError(f"parallel.dp_replicate ({self.dp_replicate}) does not divide the "
+                             f"world size ({world_size})")
         shard = world_size // self.dp_replicate if self.dp_shard == -1 else self.dp_shard
         if self.dp_replicate * shard != world_size:
             raise ValueError(f"parallel.dp_replicate ({self.dp_replicate}) × parallel.dp_shard "

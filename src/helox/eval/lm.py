@@ -215,7 +215,7 @@ def load_language_model(path: Path, ema: bool = False, device: str = "cpu",
     checkpoint = resolve_checkpoint(path, warn)
     trained = load_trained_model(checkpoint, ema=ema)
     model = trained.model.to(device)
-    version = f"{checkpoint.name}{'-ema' if ema else ''}-{_file_digest(trained.weights_file)}"
+    version = f"{checkpoint.name}{'-ema' if ema else ''}-{trained.weights_digest()}"
     return LanguageModel(helox_forward(model), trained.tokenizer, trained.eos_id,
                          model.cfg.max_seq_len, model.cfg.vocab_size, version, str(checkpoint),
                          torch.device(device), batch_size)

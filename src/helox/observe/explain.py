@@ -39,7 +39,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from helox.checkpoint import (EMA_WEIGHTS, MODEL_WEIGHTS, load_trained_model,
+from helox.checkpoint import (EMA_WEIGHTS, MODEL_WEIGHTS, load_trained_model, read_format,
                               resolve_checkpoint, run_dir_of)
 from helox.errors import HeloxError
 from helox.model.llama import Llama
@@ -267,8 +267,13 @@ def default_out_dir(checkpoint: Path, prompt: str, ema: bool) -> Path:
 
 
 def _checkpoint_step(checkpoint: Path, ema: bool) -> int | None:
-    """The step in the weights file's metadata (a checkpoint folder may have been renamed)."""
-    with safe_open(str(checkpoint / (EMA_WEIGHTS if ema else MODEL_WEIGHTS)), "pt") as f:
+    """The step in the weights file's metadata, or format.json's when dcp/ holds the weights
+    (a checkpoint folder may have been renamed)."""
+    file = checkpoint / (EMA_WEIGHTS if ema else MODEL_WEIGHTS)
+    if not file.is_file():
+        step = read_format(checkpoint).get("step")
+        return int(step) if step is not None else None
+    with safe_open(str(file), "pt") as f:
         step = (f.metadata() or {}).get("step")
     return int(step) if step is not None else None
 

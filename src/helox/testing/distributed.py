@@ -24,24 +24,26 @@ def free_port() -> int:
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, args: tuple = (),
-                    timeout_s: float = 300) -> list[Any]:
-    """`fn(*args)` on `world_size` processes of one gloo group (one thread each, as ranks
-    sharing one machine's cores should); returns each rank's result, rank 0 first. A rank's
-    exception fails the call with its traceback."""
+                    timeout_s: float = 300, backend: str = "gloo") -> list[Any]:
+    """`fn(*args)` on `world_size` processes of one process group (gloo: one thread each, as
+    ranks sharing one machine's cores should; nccl: one GPU each); returns each rank's result,
+    rank 0 first. A rank's exception fails the call with its traceback."""
     with tempfile.TemporaryDirectory(prefix="helox-dist-") as folder:
         mp.start_processes(_rank_main, args=(fn, args, world_size, free_port(), folder,
-                                             timeout_s),
+                                             timeout_s, backend),
                            nprocs=world_size, join=True, start_method="spawn")
         return [torch.load(Path(folder) / f"rank{rank}.pt", weights_only=False)
                 for rank in range(world_size)]
 
 
 def _rank_main(rank: int, fn: Callable[..., Any], args: tuple, world_size: int, port: int,
-               folder: str, timeout_s: float) -> None:
+               folder: str, timeout_s: float, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     try:
         torch.save(fn(*args), Path(folder) / f"rank{rank}.pt")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from helox.checkpoint.sharded import load_sharded, save_sharded
+from helox.checkpoint.sharded import load_dcp_part, save_dcp, sharded_state
 from helox.data.loader import MicroBatch
 from helox.distributed.config import ParallelConfig
 from helox.distributed.parallelize import full_weights
@@ -31,9 +31,12 @@ OPTIM = OptimConfig(lr=1e-2, warmup_steps=0)
 MODES = {"ddp": ParallelConfig(dp_replicate=2, dp_shard=1),
          "fsdp": ParallelConfig(dp_replicate=1, dp_shard=2),
          "zero1": ParallelConfig(dp_replicate=2, dp_shard=1, zero1=True),
-         "ddp_summed": ParallelConfig(dp_replicate=2, dp_shard=1)}
+         "ddp_summed": ParallelConfig(dp_replicate=2, dp_shard=1),
+         "fsdp_any": ParallelConfig(),
+         "fsdp_offload": ParallelConfig(cpu_offload=True)}
 """What each mode runs on 2 ranks; ddp_summed is DDP with a planted bug: gradients summed
-over the ranks instead of averaged (what PyTorch issue #162338 reports of FSDP2 on gloo)."""
+over the ranks instead of averaged (what PyTorch issue #162338 reports of FSDP2 on gloo).
+fsdp_any and fsdp_offload shard over every rank there is (the GPU tests: 1 or 2 GPUs)."""
 CPU = torch.device("cpu")
 
 
@@ -48,18 +51,20 @@ class Run:
     """One process's (or rank's) model, optimizer and loss under `mode` (None: one process),
     started from `seed`; `steps` trains it on a range of the shared global batches."""
 
-    def __init__(self, mode: str | None, seed: int):
+    def __init__(self, mode: str | None, seed: int, device: torch.device = CPU,
+                 precision: str = "fp32"):
         self.group = dist.group.WORLD if mode else None
         """Passed to train_step: the ranks decide on the global loss."""
         self.rank = dist.get_rank() if mode else 0
         self.rows = GLOBAL_BATCH // (dist.get_world_size() if mode else 1)
+        self.device = device
         torch.manual_seed(seed)
-        self.model = Llama(TINY)
+        self.model = Llama(TINY).to(device)
         self.parallel, self.optimizer = parallel_training(
-            self.model, OPTIM, MODES[mode] if mode else None, CPU)
+            self.model, OPTIM, MODES[mode] if mode else None, device)
         if mode == "ddp_summed":
             self.parallel.register_comm_hook(None, _summed)
-        self.loss_fn: LossFn = make_loss_fn(self.parallel, CPU, "fp32")
+        self.loss_fn: LossFn = make_loss_fn(self.parallel, device, precision)
         self.reasons: list[str | None] = []
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
@@ -68,6 +73,7 @@ class Run:
               loss_fn: LossFn | None = None) -> Run:
         for step in span:
             local_NT = batches_SGT[step][self.rank * self.rows:(self.rank + 1) * self.rows]
+            local_NT = local_NT.to(self.device)
             outcome = train_step(loss_fn or self.loss_fn, self.parallel, self.optimizer,
                                  [MicroBatch(local_NT[:, :-1], local_NT[:, 1:], None, None)],
                                  1.0, gate=gate, group=self.group)
@@ -81,18 +87,30 @@ class Run:
                 "weights": full_weights(self.model)}
 
 
-def train_steps(mode: str | None, steps: int = 20, seed: int = 0) -> dict:
-    """`steps` optimizer steps (fp32, clipping at 1.0); mode None runs one process. Returns
-    each step's global loss and gradient norm, and the final weights in full."""
-    return Run(mode, seed).steps(global_batches(steps, seed), range(steps)).result()
+def train_steps(mode: str | None, steps: int = 20, seed: int = 0, device: str = "cpu",
+                precision: str = "fp32") -> dict:
+    """`steps` optimizer steps (fp32 unless `precision`, clipping at 1.0) on `device`; mode
+    None runs one process. Returns each step's global loss and gradient norm, and the final
+    weights in full (on the CPU)."""
+    run = Run(mode, seed, _rank_device(device, mode), precision)
+    result = run.steps(global_batches(steps, seed), range(steps)).result()
+    result["weights"] = {name: w.cpu() for name, w in result["weights"].items()}
+    return result
+
+
+def _rank_device(device: str, mode: str | None) -> torch.device:
+    """CUDA: each rank its own GPU (LOCAL_RANK)."""
+    if device == "cuda":
+        return torch.device("cuda", dist.get_rank() if mode else 0)
+    return torch.device(device)
 
 
 def save_after(mode: str | None, folder: str, stop_at: int, steps: int = 20,
                seed: int = 0) -> None:
-    """The first `stop_at` steps of `train_steps`, then the model and optimizer saved with
-    `save_sharded` (every rank calls it)."""
+    """The first `stop_at` steps of `train_steps`, then the model and optimizer saved through
+    DCP (every rank calls it)."""
     run = Run(mode, seed).steps(global_batches(steps, seed), range(stop_at))
-    save_sharded(Path(folder), run.parallel, run.optimizer)
+    save_dcp(Path(folder), sharded_state({"model": run.parallel, "optimizer": run.optimizer}))
 
 
 def resume_from(mode: str | None, folder: str, stop_at: int, steps: int = 20,
@@ -100,7 +118,8 @@ def resume_from(mode: str | None, folder: str, stop_at: int, steps: int = 20,
     """A model started from another seed (so a load that did nothing shows) loads what
     `save_after` wrote, resharded to `mode`, and runs the remaining steps."""
     run = Run(mode, seed + 1)
-    load_sharded(Path(folder), run.parallel, run.optimizer)
+    load_dcp_part(Path(folder), "model", run.parallel)
+    load_dcp_part(Path(folder), "optimizer", run.optimizer, run.parallel)
     return run.steps(global_batches(steps, seed), range(stop_at, steps)).result()
 
 

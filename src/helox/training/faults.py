@@ -11,6 +11,8 @@ Legend: K 2 (inputs, targets), N sequences, T sequence length.
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,6 +21,7 @@ from pydantic import Field
 from helox.configbase import StrictModel
 from helox.data.loader import MicroBatch, StepBatch
 from helox.errors import HeloxError
+from helox.fileio import fsync_path
 
 
 class FaultConfig(StrictModel):
@@ -40,6 +43,13 @@ class FaultConfig(StrictModel):
     crash_during_save_at_step: int | None = Field(default=None, gt=0)
     """Kill the process (as `kill -9` would) halfway through writing this step's checkpoint
     (HELOX_FAULT_CRASH_SAVE_AT)."""
+    kill_at_step: int | None = Field(default=None, gt=0)
+    """Kill the process (as `kill -9` would) right after this step's update, once per run
+    folder: a marker file in the run folder records it, so the resumed run goes past it
+    (HELOX_FAULT_KILL_AT)."""
+    ranks: list[int] | None = None
+    """The ranks of a multi-process job these faults hit (None: every rank), e.g. [1] for a
+    spike in one rank's data or the death of one rank (HELOX_FAULT_RANKS=1)."""
 
     def nan_steps(self) -> set[int]:
         return self._steps(self.nan_loss_at_steps, "HELOX_FAULT_NAN_AT")
@@ -53,6 +63,15 @@ class FaultConfig(StrictModel):
     def crash_save_steps(self) -> set[int]:
         listed = [self.crash_during_save_at_step] if self.crash_during_save_at_step else []
         return self._steps(listed, "HELOX_FAULT_CRASH_SAVE_AT")
+
+    def kill_steps(self) -> set[int]:
+        return self._steps([self.kill_at_step] if self.kill_at_step else [],
+                           "HELOX_FAULT_KILL_AT")
+
+    def hits(self, rank: int) -> bool:
+        """Whether the faults apply on `rank`."""
+        ranks = self._steps(self.ranks or [], "HELOX_FAULT_RANKS")
+        return not ranks or rank in ranks
 
     @staticmethod
     def _steps(listed: list[int], variable: str) -> set[int]:
@@ -70,10 +89,15 @@ class FaultInjector:
     of batch `step` as step + 1); `loss_fn` wraps the training loss function, scaling every
     objective's sum by NaN or the spike factor on the chosen steps, as a bad batch would."""
 
-    def __init__(self, config: FaultConfig, vocab_size: int, seed: int):
-        self.nan_steps, self.spike_steps = config.nan_steps(), config.spike_steps()
-        self.corrupt_steps, self.crash_save_steps = config.corrupt_steps(), \
-            config.crash_save_steps()
+    def __init__(self, config: FaultConfig, vocab_size: int, seed: int, rank: int = 0,
+                 run_dir: Path | None = None):
+        hits = config.hits(rank)
+        self.nan_steps, self.spike_steps = (config.nan_steps(), config.spike_steps()) \
+            if hits else (set(), set())
+        self.corrupt_steps = config.corrupt_steps() if hits else set()
+        self.crash_save_steps = config.crash_save_steps() if hits else set()
+        self.kill_steps = config.kill_steps() if hits else set()
+        self.run_dir = run_dir
         self.spike_factor, self.vocab_size, self.seed = config.spike_factor, vocab_size, seed
         self.number = 0
         """The step (as metrics.jsonl counts it) whose batch was drawn last."""
@@ -104,6 +128,17 @@ class FaultInjector:
 
     def crash_during_save(self, step: int) -> bool:
         return step in self.crash_save_steps
+
+    def kill_if_due(self, step: int) -> None:
+        """SIGKILL this process after update `step` if asked, once per run folder."""
+        if step not in self.kill_steps or self.run_dir is None:
+            return
+        marker = self.run_dir / f".fault-killed-at-{step}"
+        if marker.exists():
+            return
+        marker.write_text("")
+        fsync_path(marker)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def corrupted(batch: StepBatch, vocab_size: int, seed: int) -> StepBatch:

@@ -21,9 +21,11 @@ from rich.markup import escape
 
 from helox import checkpoint as ckpt
 from helox.data.loader import MicroBatch, StepBatch, TrainLoader
-from helox.data.prepare import open_named
+from helox.data.prepare import open_named, open_version
 from helox.data.shards import DatasetVersion
 from helox.data.tokenizer import load_tokenizer
+from helox.distributed.job import (Job, barrier, from_main, join_job, max_over_ranks,
+                                   replicas_agree)
 from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel, helox_forward
 from helox.eval.runner import check_contamination, prepare_tasks, run_suite
@@ -37,12 +39,13 @@ from helox.observe.sinks import Sinks, open_sinks
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.training.evaluator import Evaluator
 from helox.training.faults import FaultInjector
-from helox.training.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at, set_lr
+from helox.training.optim import AdaptiveClip, effective_betas, lr_at, set_lr
 from helox.training.precision import apply_precision_policy
 from helox.training.records import StepMetrics, bad_step_event, data_metrics, objective_metrics
-from helox.training.setup import (describe_mismatch, ema_model, loader_options, micro_rows,
-                               model_flops_per_token, pick_device, resolve_vocab_size,
-                               resume_key, write_run_files)
+from helox.training.setup import (check_parallel, describe_mismatch, ema_model, loader_options,
+                                  micro_rows, model_flops_per_token, parallel_training,
+                                  pick_device, resolve_vocab_size, resume_key,
+                                  write_run_files)
 from helox.training.stability import Recovery, SpikeDetector
 from helox.training.state import Counters, TrainerState, ValueState
 from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compiled, make_loss_fn, make_scaler,
@@ -114,9 +117,15 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, dataset: DatasetVersion,
                  console: Console):
-        self.console, self.run_dir, self.dataset = console, run_dir, dataset
+        self.run_dir, self.dataset = run_dir, dataset
         self.config = config = resolve_vocab_size(config, dataset)
-        self.device = pick_device(config.train.device)
+        device = pick_device(config.train.device)
+        self.job = join_job(config.parallel, device)
+        """This process's rank in a multi-process job (torchrun), or the only one."""
+        self.device = self.job.device(device)
+        # Only rank 0 speaks: the other ranks' decisions are the same (they are reduced).
+        self.console = console if self.job.main else Console(quiet=True)
+        check_parallel(config, self.job)
         self.precision = pick_precision(config.train.precision, self.device)
         # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
         seed_everything(config.train.seed,
@@ -134,11 +143,12 @@ class Trainer:
         self.peak_flops_per_s = config.observe.peak_flops_per_s or matmul_flops_per_s(
             self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision,
                                                                              torch.float32))
-        injected = {stage.dataset: open_named(config, stage.dataset)
-                    for stage in config.curriculum.inject if stage.dataset}
-        self.loader = TrainLoader(dataset, loader_options(config), injected=injected)
+        injected = self.open_injected()
+        self.loader = TrainLoader(dataset, loader_options(config), self.job.rank,
+                                  self.job.world_size, injected=injected)
         self.evaluator = Evaluator(dataset, config, self.loader)
-        self.faults = FaultInjector(config.faults, dataset.vocab_size, config.train.seed)
+        self.faults = FaultInjector(config.faults, dataset.vocab_size, config.train.seed,
+                                    self.job.rank, run_dir)
         self.next_batch = (self.faults.batches(self.loader.next_step) if self.faults.active
                            else self.loader.next_step)
         self.watermark = None if config.watermark is None else watermark_for(
@@ -155,14 +165,18 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------
 
     def build_model(self) -> None:
-        """Model (its precision policy and activation checkpointing), loss scaler, optimizer,
-        clipping window and EMA."""
+        """Model (its precision policy and activation checkpointing), its parallel form and
+        optimizer on the job's mesh, loss scaler, clipping window and EMA. `model` is the
+        model itself (what evaluation, telemetry and the EMA read); `parallel` what trains
+        (DDP's wrapper; FSDP2 shards `model` in place, so there they are one)."""
         tc = self.config.train
         self.model = Llama(self.config.model).to(self.device)
         self.model.set_activation_checkpointing(tc.activation_checkpointing)
         apply_precision_policy(self.model, tc.fp32_modules, self.device.type)
         self.scaler = make_scaler(self.precision, self.device)
-        self.optimizer = build_optimizer(self.model, self.config.optim)
+        self.parallel, self.optimizer = parallel_training(
+            self.model, self.config.optim,
+            self.config.parallel if self.job.distributed else None, self.device)
         self.clip = AdaptiveClip(self.config.optim.adaptive_clip, self.config.optim.grad_clip_norm)
         self.ema = ema_model(self.model, tc.ema_decay) if tc.ema_decay else None
 
@@ -171,10 +185,10 @@ class Trainer:
         a rollback restores those marked `rollback` (the model's trajectory) and keeps the
         rest (the data moves on past the bad window; the counters keep counting)."""
         state = TrainerState()
-        state.register("model", self.model, rollback=True)
+        state.register("model", self.parallel, rollback=True)
         state.register("optimizer", self.optimizer, rollback=True)
         state.register("counters", self.counters)
-        state.register("loader", self.loader)
+        state.register("loader", self.loader, per_rank=True)
         state.register("clip", self.clip, rollback=True)
         state.register("detector", self.detector, rollback=self.detector.restore_reference)
         state.register("recovery", self.recovery)
@@ -187,10 +201,20 @@ class Trainer:
                 lambda: {"updates": int(self.ema.n_averaged)},
                 lambda saved: self.ema.n_averaged.fill_(saved["updates"])), rollback=True)
         if self.telemetry is not None:  # observe.telemetry may be switched on at a resume
-            state.register("telemetry", self.telemetry, required=False)
+            state.register("telemetry", self.telemetry, required=False, per_rank=True)
         # Last, so that nothing restored after it draws from the global RNGs.
-        state.register("rng", ValueState(rng_state, set_rng_state))
+        state.register("rng", ValueState(rng_state, set_rng_state), per_rank=True)
         return state
+
+    def open_injected(self) -> dict[str, DatasetVersion]:
+        """The datasets curriculum.inject names: rank 0 opens them (the audit log records
+        the read) and the other ranks the versions it found."""
+        config = self.config
+        names = [stage.dataset for stage in config.curriculum.inject if stage.dataset]
+        opened = {name: open_named(config, name) for name in names} if self.job.main else {}
+        chosen = from_main({name: d.version for name, d in opened.items()}, self.job)
+        return opened if self.job.main else {name: open_version(config, version)
+                                             for name, version in chosen.items()}
 
     def build_telemetry(self) -> tuple[Telemetry | None, dict[str, MicroBatch] | None]:
         """The sampled probes and their fixed batch (None when observe.telemetry is off)."""
@@ -224,10 +248,21 @@ class Trainer:
         logs and sinks, and say what will be trained."""
         config, tc = self.config, self.config.train
         self.resume()
+        self.build_loss_fns()
+        self.last_step = min(tc.max_steps, until_step or tc.max_steps)
+        self.last_save_time = time.monotonic()
+        if self.job.main:
+            self.open_logs()
+            announce(self.console, self.model, self.device, self.precision, config, self.step,
+                     self.last_step, self.loader, self.run_dir, self.job)
+        barrier(self.job)  # the run's files exist before any rank goes on
+
+    def open_logs(self) -> None:
+        """Rank 0's: the run files, metrics, events and telemetry logs and the sinks."""
+        config = self.config
         write_run_files(self.run_dir, config, self.run_info)
         if self.watermark is not None:
             write_card(self.watermark.card, self.run_dir / CARD_FILE)
-        self.build_loss_fns()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.events = MetricsLog(self.run_dir / "events.jsonl")
         self.telemetry_log = MetricsLog(self.run_dir / "telemetry.jsonl")
@@ -239,10 +274,6 @@ class Trainer:
             self.console.print(f"{name}: {details}", soft_wrap=True, markup=False)
         if self.init_record is not None:
             self.event(self.init_record)
-        self.last_step = min(tc.max_steps, until_step or tc.max_steps)
-        self.last_save_time = time.monotonic()
-        announce(self.console, self.model, self.device, self.precision, config, self.step,
-                 self.last_step, self.loader, self.run_dir)
 
     def build_loss_fns(self) -> None:
         """Evaluation stays eager (a second, no-grad graph would cost a compile) and scores
@@ -252,7 +283,7 @@ class Trainer:
         self.eval_loss_fn = make_loss_fn(self.model, self.device, self.precision)
         self.ema_loss_fn = make_loss_fn(self.ema.module, self.device, self.precision) \
             if self.ema else None
-        loss_fn = make_loss_fn(self.model, self.device, self.precision,
+        loss_fn = make_loss_fn(self.parallel, self.device, self.precision,
                                [o.name for o in tc.objectives])
         self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
         if self.watermark is not None:
@@ -272,6 +303,7 @@ class Trainer:
         with StepProgress(self.console, self.config.train.max_steps, self.step) as progress:
             while self.step < self.last_step:
                 outcome, tokens_per_s = self.train_one_step()
+                self.faults.kill_if_due(self.step)
                 loss = outcome.loss
                 step_val_loss = self.evaluate_if_due()
                 self.sample_telemetry_if_due()
@@ -284,12 +316,21 @@ class Trainer:
                 elif self.save_due():
                     saved = self.save(step_val_loss)
                 progress.update(self.step, loss, tokens_per_s, step_val_loss)
-                if signals.received and self.step < self.last_step:
-                    stopped_by = signals.received
+                stop_signal = self.agreed_signal(signals)
+                if stop_signal and self.step < self.last_step:
+                    stopped_by = stop_signal
                     saved = self.stop_for_signal(stopped_by, saved, step_val_loss)
                     break
         return TrainResult(self.run_dir, self.step, self.resumed_from, loss, val_loss, saved,
                            stopped_by)
+
+    def agreed_signal(self, signals: StopSignals) -> str | None:
+        """The stop signal, if any rank received one: every rank stops after the same step
+        (torchrun forwards SIGTERM to each worker, which may see it a step apart)."""
+        if not self.job.distributed:
+            return signals.received
+        received = max_over_ranks([float(signals.received is not None)], self.job)[0]
+        return (signals.received or "SIGTERM") if received else None
 
     def train_one_step(self) -> tuple[StepOutcome, float]:
         """One optimizer step with its metrics line (and events line when it was bad)."""
@@ -304,10 +345,10 @@ class Trainer:
         if self.telemetry is not None:
             self.telemetry.count_tokens(batch.data.inputs)
         clip_norm = self.clip.threshold()
-        outcome = train_step(self.train_loss_fn, self.model, self.optimizer,
+        outcome = train_step(self.train_loss_fn, self.parallel, self.optimizer,
                              batch.micro_batches(micro_rows(config, batch)), clip_norm,
                              {o.name: o.weight_at(step) for o in tc.objectives},
-                             gate=self.detector.gate, scaler=self.scaler)
+                             gate=self.detector.gate, scaler=self.scaler, group=self.job.group)
         if outcome.overflowed and outcome.loss_scale > 1.0:
             # fp16's scaler probing its range (it backed off): expected, not a bad step.
             outcome = outcome._replace(skip_reason="overflow")
@@ -325,10 +366,14 @@ class Trainer:
             self.clip.record(outcome.grad_norm)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-        tokens_per_s = batch.data.inputs.numel() / (time.perf_counter() - started)
+        elapsed_s, memory = max_over_ranks(
+            [time.perf_counter() - started, memory_mib(self.device)["memory_peak_mib"]],
+            self.job)
+        # The global figure: every rank's tokens over the slowest rank's time.
+        tokens_per_s = batch.data.inputs.numel() * self.job.world_size / elapsed_s
         self.counters.step = number
-        self.log(self.step_metrics(outcome, batch, lr, lr_factor, clip_norm, tokens_per_s)
-                 .record())
+        self.log(self.step_metrics(outcome, batch, lr, lr_factor, clip_norm, tokens_per_s,
+                                   memory).record())
         if bad:
             self.event(bad_step_event(number, bad, outcome, z_score, self.detector,
                                       self.counters.skipped_steps))
@@ -336,17 +381,22 @@ class Trainer:
         return outcome, tokens_per_s
 
     def step_metrics(self, outcome: StepOutcome, batch: StepBatch, lr: float, lr_factor: float,
-                     clip_norm: float | None, tokens_per_s: float) -> StepMetrics:
-        """The metrics line of the step just done (`self.step` counts it already)."""
+                     clip_norm: float | None, tokens_per_s: float,
+                     memory_peak_mib: float) -> StepMetrics:
+        """The metrics line of the step just done (`self.step` counts it already). In a
+        multi-process job the loss and gradient norm are the global batch's, tokens/s the
+        job's, memory the largest rank's (`ranks` says how many)."""
         step = self.step - 1  # the 0-based step the schedules were evaluated at
         beta1, beta2 = effective_betas(self.config.optim, step)
         return StepMetrics(
             step=self.step, loss=outcome.loss, lr=lr, grad_norm=outcome.grad_norm,
             clip_norm=clip_norm, beta1_eff=beta1, beta2_eff=beta2, tokens_per_s=tokens_per_s,
-            mfu=tokens_per_s * self.flops_per_token / self.peak_flops_per_s,
+            mfu=tokens_per_s * self.flops_per_token / (self.peak_flops_per_s
+                                                       * self.job.world_size),
             skipped_steps=self.counters.skipped_steps,
             objectives=objective_metrics(self.config.train, outcome, step),
-            memory_mib=memory_mib(self.device), data=data_metrics(self.loader, batch),
+            memory_mib={"memory_peak_mib": memory_peak_mib},
+            data=data_metrics(self.loader, batch), ranks=self.job.world_size,
             skipped=outcome.skip_reason if outcome.skipped else None,
             lr_cooldown_factor=lr_factor if lr_factor != 1.0 else None,
             loss_scale=outcome.loss_scale)
@@ -389,6 +439,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
                             enabled=dtype is not None):
             sample = self.telemetry.sample(self.step, self.model, self.probe)
+        self.raise_alerts(self.health.on_sample(self.step, sample.scalars))
+        if not self.job.main:  # every rank samples (FSDP2's forward needs them all)
+            return
         self.log({"step": self.step, "event": "telemetry", **sample.scalars})
         for name, histogram in sample.histograms.items():
             self.sinks.histogram(self.step, name, histogram.bin_edges, histogram.counts)
@@ -396,7 +449,6 @@ class Trainer:
             "step": self.step, "attn_entropy_LH": sample.attention_entropy_LH.tolist(),
             "histograms": {name: {"bin_edges": h.bin_edges.tolist(), "counts": h.counts.tolist()}
                            for name, h in sample.histograms.items()}})
-        self.raise_alerts(self.health.on_sample(self.step, sample.scalars))
 
     def run_suite_if_due(self) -> None:
         """The eval suite on the current weights (evaluation.*): every metric to metrics.jsonl
@@ -456,8 +508,7 @@ class Trainer:
                           f"stability.rollback.max_rollbacks="
                           f"{self.recovery.config.max_rollbacks})", "rollback-budget")
         self.writer.wait()  # the save in flight may be the target, and it prunes
-        target = ckpt.load_newest_valid(self.run_dir, self.warn, quarantine=True,
-                                        before_step=streak_start)
+        target = self.newest_checkpoint(before_step=streak_start)
         if target is None:
             self.stop_run(f"{why} (steps {streak_start}–{step}) and no valid checkpoint "
                           f"before step {streak_start} to roll back to", "rollback-budget")
@@ -465,7 +516,9 @@ class Trainer:
         self.health.cleared("divergence")
         self.recovery.start_cooldown(step)
         cfg = self.recovery.config
-        self.event({
+        replicas = {"replicas_identical": replicas_agree(self.model, self.job)} \
+            if self.job.distributed else {}
+        self.event({**replicas,
             "step": step, "event": "rollback", "severity": "critical", "runbook": "rollback",
             "cause": why, "bad_steps": [streak_start, step], "checkpoint": target.path.name,
             "restored_step": target.step, "skipped_data_steps": [target.step + 1, step],
@@ -510,12 +563,24 @@ class Trainer:
         extra_files = {ckpt.TOKENIZER_FILE: self.dataset.tokenizer_path}
         if self.watermark is not None:
             extra_files[CARD_FILE] = self.run_dir / CARD_FILE
-        snapshot = ckpt.snapshot(self.step, self.state.parts(), self.config.model_dump(
-            mode="json"), self.run_info, extra_files=extra_files, val_loss=val_loss)
-        path = self.writer.save(snapshot, crash_halfway=self.faults.crash_during_save(self.step))
+        config = self.config.model_dump(mode="json")
+        if self.job.distributed:
+            started = time.perf_counter()
+            cc = self.config.checkpoint
+            path = ckpt.save_distributed(self.run_dir, self.step, self.state.parts(),
+                                         self.state.per_rank(), config, self.run_info,
+                                         self.job.rank, self.job.world_size, cc.keep_last,
+                                         cc.keep_best, extra_files, val_loss)
+            stall_s = time.perf_counter() - started
+        else:
+            snapshot = ckpt.snapshot(self.step, self.state.parts(), config, self.run_info,
+                                     extra_files=extra_files, val_loss=val_loss)
+            path = self.writer.save(snapshot,
+                                    crash_halfway=self.faults.crash_during_save(self.step))
+            stall_s = self.writer.last_stall_s
         self.last_save_time = time.monotonic()
         self.log({"step": self.step, "checkpoint": path.name,
-                  "checkpoint_stall_s": round(self.writer.last_stall_s, 4)})
+                  "checkpoint_stall_s": round(stall_s, 4)})
         return path
 
     def stop_for_signal(self, name: str, saved: Path | None, val_loss: float | None) -> Path:
@@ -531,8 +596,9 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the newest valid checkpoint of the run folder, if any."""
-        ckpt.remove_stale_temporaries(self.run_dir)
-        restored = ckpt.load_newest_valid(self.run_dir, warn=self.warn, quarantine=True)
+        if self.job.main:
+            ckpt.remove_stale_temporaries(self.run_dir)
+        restored = self.newest_checkpoint()
         if restored is None:
             if self.config.train.init_from is not None:
                 self.warm_start(self.config.train.init_from)
@@ -544,10 +610,19 @@ class Trainer:
                                                  self.run_info),
                              hint="train in a new --run-dir, or resume with the original recipe")
         self.state.restore(restored)
-        for log in ("metrics.jsonl", "events.jsonl", "telemetry.jsonl"):
-            truncate_after_step(self.run_dir / log, restored.step)
+        if self.job.main:
+            for log in ("metrics.jsonl", "events.jsonl", "telemetry.jsonl"):
+                truncate_after_step(self.run_dir / log, restored.step)
         self.console.print(f"resuming from {restored.path.name}")
         self.resumed_from = restored.step
+
+    def newest_checkpoint(self, before_step: int | None = None) -> ckpt.Restored | None:
+        """The newest valid checkpoint (before `before_step`), read for this rank: rank 0
+        verifies (and quarantines) and every rank reads the folder it chose."""
+        path = ckpt.newest_valid(self.run_dir, self.warn, quarantine=True,
+                                 before_step=before_step) if self.job.main else None
+        path = from_main(path, self.job)
+        return ckpt.read_checkpoint(path, self.job.rank) if path is not None else None
 
     def warm_start(self, source: Path) -> None:
         """Matching weights (and optimizer states) of another run's checkpoint; the report
@@ -573,12 +648,16 @@ class Trainer:
         self.init_record = record
 
     def log(self, record: dict) -> None:
-        """A metrics line: metrics.jsonl and every sink."""
+        """A metrics line: metrics.jsonl and every sink (rank 0's)."""
+        if not self.job.main:
+            return
         self.metrics.write(record)
         self.sinks.scalars(record["step"], record)
 
     def event(self, record: dict) -> None:
-        """An events line (an action or an alert): events.jsonl and every sink."""
+        """An events line (an action or an alert): events.jsonl and every sink (rank 0's)."""
+        if not self.job.main:
+            return
         self.events.write(record)
         self.sinks.event(record)
 
@@ -599,7 +678,7 @@ class Trainer:
 
 def announce(console: Console, model: Llama, device: torch.device, precision: str,
              config: RunConfig, start_step: int, last_step: int, loader: TrainLoader,
-             run_dir: Path) -> None:
+             run_dir: Path, job: Job) -> None:
     tc = config.train
     if start_step >= last_step:
         console.print(f"nothing to train: {run_dir} is at step {start_step} (stopping at "
@@ -610,6 +689,13 @@ def announce(console: Console, model: Llama, device: torch.device, precision: st
                   f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
                   f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
                   soft_wrap=True)
+    if job.distributed:
+        replicate, shard = config.parallel.degrees(job.world_size)
+        layout = ("FSDP2" if replicate == 1 else "HSDP") if shard > 1 else \
+            ("DDP + ZeRO-1" if config.parallel.zero1 else "DDP")
+        console.print(f"{job.world_size} ranks, {layout} (dp_replicate {replicate} × dp_shard "
+                      f"{shard}), {tokens_per_step // job.world_size:,} tokens per rank",
+                      soft_wrap=True)
     if loader.spec.weighted:
         weights = loader.weights_for(start_step)
         mix = ", ".join(f"{d} {w:.2f}" for d, w in zip(loader.domains, weights))

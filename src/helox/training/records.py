@@ -37,12 +37,14 @@ class StepMetrics:
     """The LR cut of a rollback's cool-down, while it lasts."""
     loss_scale: float | None = None
     """fp16's loss scale."""
+    ranks: int = 1
+    """Processes of the job (written when more than one: the line's figures are the job's)."""
 
     def record(self) -> dict:
         clipped = min(self.grad_norm, self.clip_norm) if self.clip_norm else self.grad_norm
         optional = {"skipped": self.skipped, "skipped_steps": self.skipped_steps,
                     "lr_cooldown_factor": self.lr_cooldown_factor,
-                    "loss_scale": self.loss_scale}
+                    "loss_scale": self.loss_scale, "ranks": self.ranks if self.ranks > 1 else None}
         return {"step": self.step, "loss": self.loss, "lr": self.lr,
                 "grad_norm": self.grad_norm, "grad_norm_clipped": clipped, **self.objectives,
                 "clip_norm": self.clip_norm, "beta1_eff": self.beta1_eff,

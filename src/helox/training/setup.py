@@ -16,6 +16,7 @@ from helox.checkpoint import CONFIG_FILE, RUN_INFO_FILE, read_config_raw
 from helox.checkpoint.layout import write_config
 from helox.data.loader import LoaderOptions, StepBatch
 from helox.distributed.config import ParallelConfig
+from helox.distributed.job import Job
 from helox.distributed.parallelize import build_mesh, parallelize, zero1_optimizer
 from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
@@ -73,6 +74,28 @@ def parallel_training(model: nn.Module, optim: OptimConfig, cfg: ParallelConfig 
     if cfg.zero1:
         return parallel, zero1_optimizer(*optimizer_spec(parallel, optim), mesh)
     return parallel, build_optimizer(parallel, optim)
+
+
+def check_parallel(config: RunConfig, job: Job) -> None:
+    """The parallel section against the job's world size, before anything is built: a mesh
+    that does not multiply to it, a global batch that does not divide across the ranks, or a
+    feature sharded parameters do not support yet, each an error naming the numbers."""
+    if not job.distributed:
+        return
+    cfg, tc = config.parallel, config.train
+    global_batch = tc.micro_batch_size * tc.grad_accum_steps
+    try:
+        _, shard = cfg.degrees(job.world_size)
+        cfg.per_rank_batch(global_batch, job.world_size)
+    except ValueError as exc:
+        raise HeloxError(str(exc), hint=f"the global batch is train.micro_batch_size × "
+                         f"train.grad_accum_steps ({global_batch}); change parallel.* or "
+                         f"train.*, or launch another number of processes") from None
+    if shard > 1 and tc.ema_decay:
+        raise HeloxError(f"train.ema_decay with parameters sharded over {shard} ranks "
+                         "(FSDP2): the moving average is kept only for replicated parameters",
+                         hint=f"train with DDP (parallel.dp_replicate={job.world_size}) or "
+                              "without train.ema_decay")
 
 
 def loader_options(config: RunConfig) -> LoaderOptions:

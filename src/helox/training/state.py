@@ -35,6 +35,8 @@ class Entry:
     required: bool
     """A checkpoint without it cannot be resumed; an optional part (one a config switch may
     add on resume, such as telemetry) keeps its fresh state instead."""
+    per_rank: bool = False
+    """Each rank of a multi-process job keeps its own (its RNGs, its loader position)."""
 
 
 class ValueState:
@@ -74,10 +76,10 @@ class TrainerState:
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, part: Any, *, rollback: Rollback = False,
-                 required: bool = True) -> None:
+                 required: bool = True, per_rank: bool = False) -> None:
         if name in self._entries:
             raise ValueError(f"trainer state {name!r} is registered twice")
-        self._entries[name] = Entry(part, rollback, required)
+        self._entries[name] = Entry(part, rollback, required, per_rank)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -86,9 +88,14 @@ class TrainerState:
         """What a checkpoint saves: every registered part by name."""
         return {name: entry.part for name, entry in self._entries.items()}
 
+    def per_rank(self) -> set[str]:
+        """The parts each rank of a multi-process job saves for itself."""
+        return {name for name, entry in self._entries.items() if entry.per_rank}
+
     def restore(self, restored: Restored, *, rollback: bool = False) -> None:
         """Every part from the checkpoint (a resume), or with `rollback` the parts whose
         `rollback` says so. A required part the checkpoint lacks is an error naming it."""
+        model = self._entries["model"].part if "model" in self._entries else None
         for name, entry in self._entries.items():
             if rollback and entry.rollback is False:
                 continue
@@ -103,4 +110,4 @@ class TrainerState:
             if rollback and callable(entry.rollback):
                 entry.rollback(restored.state[name])
             else:
-                load_part(restored, name, entry.part)
+                load_part(restored, name, entry.part, model)
