@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from helox.data.prepare import prepare_dataset
@@ -7,6 +9,10 @@ from helox.testing.tiny import CORPUS, tiny_config, tiny_mixed_config
 # HELOX_STRICT_SKIPS=1 run (CI) and is named loudly at the end of any other.
 # pytester: tests/testing/test_skips.py runs inner pytest sessions.
 pytest_plugins = ["pytester", "helox.testing.skips"]
+
+# Ray (the datatrove Ray executor test) in its single-machine mode: its node address is
+# 127.0.0.1 and every Ray server binds loopback only. Read when ray is imported, so set here.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The datatrove adapter gives what Helox's own runner gives, under datatrove's local executor.
+"""The datatrove adapter gives what Helox's own runner gives, under datatrove's local and Ray
+executors.
 
 datatrove's JsonlReader/JsonlWriter need orjson (datatrove's `io` extra), which Helox's
 `datatrove` extra does not pull in; the corpus is therefore fed through ParquetReader/Writer,
@@ -15,9 +16,10 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 from datatrove.data import Document as DatatroveDocument
 from datatrove.data import Media
-from datatrove.executor import LocalPipelineExecutor
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor
 from datatrove.pipeline.readers import ParquetReader
 from datatrove.pipeline.writers import ParquetWriter
 
@@ -200,3 +202,32 @@ def test_missing_datatrove_says_which_extra_to_install(monkeypatch):
         importlib.import_module("helox.data.datatrove_steps")
     assert isinstance(raised.value, HeloxError)
     assert "pip install 'helox[datatrove]'" in str(raised.value)
+
+
+@pytest.fixture
+def local_ray():
+    """A one-node Ray cluster started for the test (2 CPUs, no dashboard) and stopped after
+    it. tests/conftest.py puts Ray in its single-machine mode, where every Ray server binds
+    127.0.0.1 only."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_two_ray_tasks_on_a_local_cluster_give_the_in_process_documents(corpus, tmp_path,
+                                                                         local_ray):
+    """datatrove's Ray executor, 2 tasks on the local cluster: the documents Helox's own runner
+    gives."""
+    records, raw, eval_file = corpus
+    configs = step_configs(eval_file)
+    stream, _ = run_pipeline(helox_documents(records), configs)
+    pipeline = [ParquetReader(str(raw)), *helox_pipeline(configs),
+                ParquetWriter(str(tmp_path / "out"))]
+    assert [node["NodeManagerAddress"] for node in ray.nodes()] == ["127.0.0.1"]
+    RayPipelineExecutor(pipeline, tasks=2, workers=2, cpus_per_task=1, mem_per_cpu_gb=0.5,
+                        logging_dir=str(tmp_path / "logs")).run()
+    assert written(tmp_path / "out") == Counter((d.id, d.text, d.domain) for d in stream)
+    assert len(list((tmp_path / "logs" / "completions").iterdir())) == 2
