@@ -33,7 +33,8 @@ from helox.training.setup import check_parallel
 
 STEPS = 12
 OVERRIDES = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=3",
-             "train.eval_every_steps=4", "checkpoint.keep_best=false"]
+             "train.eval_every_steps=4", "checkpoint.keep_best=false",
+             "observe.telemetry.sample_every_steps=3"]
 
 
 def helox_train(recipe, run_dir, *args, env=None, nproc=2):
@@ -116,6 +117,8 @@ def test_two_ranks_train_like_one_process_and_only_rank_0_writes(straight, one_p
     records = steps(straight)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # one line per step
     assert all(r["ranks"] == 2 for r in records)
+    # Telemetry probes the FSDP2-sharded model on every rank; rank 0 writes what it saw.
+    assert [r["step"] for r in read_metrics(straight / "telemetry.jsonl")] == [3, 6, 9, 12]
     checkpoint = ckpt.list_checkpoints(straight)[0]
     assert ckpt.read_format(checkpoint)["world_size"] == 2
     assert {p.name for p in checkpoint.glob("rank-*.pt")} == {"rank-00000.pt",
@@ -124,11 +127,12 @@ def test_two_ranks_train_like_one_process_and_only_rank_0_writes(straight, one_p
     assert "dcp/.metadata" in (checkpoint / "checksums.json").read_text()
 
 
-def test_resume_on_two_ranks_is_bit_identical(recipe, straight, tmp_path):
-    run_dir = tmp_path / "run"
-    helox_train(recipe[1], run_dir, "--until-step", "4")
+@pytest.mark.parametrize("async_save", ["true", "false"], ids=["async", "sync"])
+def test_resume_on_two_ranks_is_bit_identical(recipe, straight, tmp_path, async_save):
+    run_dir, mode = tmp_path / "run", ["--set", f"checkpoint.async_save={async_save}"]
+    helox_train(recipe[1], run_dir, "--until-step", "4", *mode)
     assert ckpt.list_checkpoints(run_dir)[0].name == "step-00000004"
-    output = helox_train(recipe[1], run_dir).stderr
+    output = helox_train(recipe[1], run_dir, *mode).stderr
     assert "resuming from step-00000004" in output
     assert steps(run_dir) == steps(straight)
     assert_same_weights(final_weights(run_dir), final_weights(straight), exact=True)
@@ -211,11 +215,12 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_then_resumes_exactly(
 
 
 def test_a_spike_on_one_rank_rolls_back_both_and_replicas_stay_identical(recipe, tmp_path):
+    """DDP with an EMA: both are restored by the rollback and kept in the checkpoints."""
     run_dir = tmp_path / "run"
     stable = ["--set", "stability.spike={window_steps: 8, min_history: 4}",
               "--set", "stability.rollback={after_bad_steps: 2, lr_factor: 0.5, "
                        "cooldown_steps: 2}", "--set", "parallel.dp_replicate=2",
-              "--set", "train.eval_every_steps=0"]
+              "--set", "train.eval_every_steps=0", "--set", "train.ema_decay=0.9"]
     helox_train(recipe[1], run_dir, *stable,
                 env={"HELOX_FAULT_SPIKE_AT": "9,10", "HELOX_FAULT_RANKS": "1"})
     events = read_metrics(run_dir / "events.jsonl")
@@ -224,6 +229,9 @@ def test_a_spike_on_one_rank_rolls_back_both_and_replicas_stay_identical(recipe,
     assert events[-1]["checkpoint"] == "step-00000008"
     assert events[-1]["replicas_identical"] is True
     assert steps(run_dir)[-1]["step"] == STEPS
+    assert ckpt.read_format(ckpt.list_checkpoints(run_dir)[0])["parts"]["ema"] == "dcp"
+    ema = ckpt.load_trained_model(ckpt.list_checkpoints(run_dir)[0], ema=True)
+    assert not torch.equal(ema.model.embed.weight, final_weights(run_dir)["embed.weight"])
 
 
 @pytest.mark.parametrize("overrides, message", [

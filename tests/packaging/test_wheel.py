@@ -67,6 +67,9 @@ def test_the_wheel_holds_the_package_data_and_is_imported_from_the_venv(installe
     assert Path(module).is_relative_to(installed.parent) and not Path(module).is_relative_to(REPO)
     assert "quickstart" in recipes and "mixture" in recipes
     assert "quickstart" in suites and "lm_eval" in suites
+    slurm = run([installed / "helox", "launch-file", "slurm", "quickstart", "--nodes", "2"],
+                cwd=tmp_path).stdout
+    assert "#SBATCH --nodes=2" in slurm  # the launch templates ship in the wheel
 
 
 def test_run_eval_export_and_import_from_a_temporary_folder(installed, tmp_path):

@@ -15,8 +15,8 @@ from helox.checkpoint.reader import (PartialRestore, Restored, best_checkpoint, 
                                      remove_stale_temporaries, resolve_checkpoint, saved_weights,
                                      verify_checkpoint)
 from helox.checkpoint.trained import TrainedModel, load_trained_model
-from helox.checkpoint.writer import (CheckpointWriter, Snapshot, host_weights, save_checkpoint,
-                                     save_distributed, snapshot, write_folder, write_snapshot)
+from helox.checkpoint.writer import (CheckpointWriter, JobCheckpointWriter, Snapshot, host_weights,
+                                     save_checkpoint, snapshot, write_folder, write_snapshot)
 
 __all__ = [
     "FORMAT_VERSION", "read_format",
@@ -28,7 +28,7 @@ __all__ = [
     "load_weights_partial", "newest_valid", "newest_valid_checkpoint", "read_checkpoint",
     "remove_stale_temporaries", "resolve_checkpoint", "saved_weights", "verify_checkpoint",
     "TrainedModel", "load_trained_model",
-    "CheckpointWriter", "Snapshot", "host_weights", "save_checkpoint", "save_distributed",
+    "CheckpointWriter", "JobCheckpointWriter", "Snapshot", "host_weights", "save_checkpoint",
     "snapshot", "write_folder",
     "write_snapshot",
 ]

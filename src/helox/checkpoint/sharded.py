@@ -19,6 +19,7 @@ state of the parameters it owns, under their names.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
@@ -88,6 +89,14 @@ def save_dcp(folder: Path, state: dict[str, dict]) -> None:
     with _one_process_is_meant():
         dcp.save(state, checkpoint_id=str(Path(folder) / DCP_FOLDER),
                  no_dist=not dist.is_initialized())
+
+
+def save_dcp_async(folder: Path, state: dict[str, dict], group: dist.ProcessGroup) -> Future:
+    """`save_dcp` in the background: returns once `state` is copied to host memory; the
+    future is done when this rank's shards are written and, on rank 0, the metadata of
+    every rank's (so after every rank's). `group` carries DCP's collectives."""
+    return dcp.async_save(state, checkpoint_id=str(Path(folder) / DCP_FOLDER),
+                          process_group=group)
 
 
 def load_dcp_part(folder: Path, name: str, part: Any, model: nn.Module | None = None) -> None:

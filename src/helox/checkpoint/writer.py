@@ -15,7 +15,7 @@ One checkpoint, RUN_DIR/checkpoints/step-<8 digits>/:
 A module part named N goes to N.safetensors, an optimizer part to N.pt, anything else with
 `state_dict` into state.pt.
 
-A multi-process job (`save_distributed`) writes the modules and optimizers through DCP into
+A multi-process job (`JobCheckpointWriter`) writes the modules and optimizers through DCP into
 dcp/ (each rank its shards) and each rank's own parts into rank-NNNNN.pt instead (format 3).
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place, so
@@ -48,7 +48,8 @@ from torch import nn
 
 from helox.checkpoint.config import CheckpointConfig
 from helox.checkpoint.format import format_record, write_format
-from helox.checkpoint.sharded import RANK_FILES, SHARDED, rank_file, save_dcp, sharded_state
+from helox.checkpoint.sharded import (RANK_FILES, SHARDED, rank_file, save_dcp, save_dcp_async,
+                                      sharded_state)
 from helox.checkpoint.layout import (BEST_FILE, CHECKSUMS_FILE, CONFIG_FILE, RUN_INFO_FILE,
                                      STATE_FILE, TEMP_PREFIX, checkpoint_dir, checkpoint_root,
                                      list_checkpoints, write_config)
@@ -237,44 +238,6 @@ def _publish(tmp: Path, final: Path, snap: Snapshot, keep_last: int, keep_best: 
     prune(root, keep_last, keep_best)
 
 
-def save_distributed(run_dir: Path, step: int, parts: Mapping[str, Any], per_rank: set[str],
-                     config: dict, run_info: dict, rank: int, world_size: int, keep_last: int,
-                     keep_best: bool = True, extra_files: dict[str, Path] | None = None,
-                     val_loss: float | None = None) -> Path:
-    """Checkpoint `step` of a multi-process job; every rank calls this with its own `parts`.
-    The modules and optimizers go through DCP into dcp/ (each rank its shards), the parts
-    named in `per_rank` into each rank's rank-NNNNN.pt, and rank 0 writes the rest (the parts
-    every rank holds alike, the config, run.json, extra files), seals the folder with the
-    checksums of every rank's files and renames it into place: the one-process protocol, with
-    barriers so that rank 0 seals only what every rank has written."""
-    root = checkpoint_root(run_dir)
-    final = checkpoint_dir(run_dir, step)
-    tmp = root / f"{TEMP_PREFIX}{final.name}-job"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    sharded = sharded_state(parts)
-    save_dcp(tmp, sharded)
-    own_file = tmp / rank_file(rank)
-    torch.save({name: host_copy(parts[name].state_dict()) for name in per_rank}, own_file)
-    fsync_path(own_file)
-    if rank == 0:
-        shared = {name: part for name, part in parts.items()
-                  if name not in per_rank and name not in sharded}
-        snap = snapshot(step, shared, config, run_info, extra_files, val_loss)
-        snap.world_size = world_size
-        snap.sharded = {**{name: SHARDED for name in sharded},
-                        **{name: RANK_FILES for name in per_rank}}
-        _write_files(tmp, snap, crash_halfway=False)
-    dist.barrier()
-    if rank == 0:
-        _publish(tmp, final, snap, keep_last, keep_best)
-    dist.barrier()  # no rank reads or writes checkpoints before this one is in place
-    return final
-
-
 def _write_files(folder: Path, snap: Snapshot, crash_halfway: bool) -> None:
     files = snap.files()
     for name, (tensors, metadata) in snap.weights.items():
@@ -415,3 +378,100 @@ class CheckpointWriter:
         final = write_snapshot(self.run_dir, snap, self.keep_last, self.keep_best, crash_halfway)
         self.last_write_s, self.last_written = time.perf_counter() - started, final
         return final
+
+
+# ---------------------------------------------------------------------------------------------
+# A multi-process job's writer
+
+
+class JobCheckpointWriter:
+    """Checkpoints of a multi-process job; every rank holds one and calls `save` at the same
+    steps with its own parts (format 3). The modules and optimizers go through DCP into dcp/
+    (each rank its shards), the parts named `per_rank` into each rank's rank-NNNNN.pt, and
+    rank 0 writes the rest (the parts every rank holds alike, the config, run.json, extra
+    files), seals the folder with the checksums of every rank's files and renames it into
+    place: the one-process protocol, ordered so that rank 0 seals only what every rank wrote.
+
+    With `async_save`, `save` returns once everything is copied to host memory (DCP's
+    `async_save` stages the shards) and the writing goes on in the background: DCP's thread on
+    every rank, over a gloo group of its own (so its collectives never meet the training's),
+    and rank 0's sealing thread after it. `wait` (every rank) returns once the checkpoint is in
+    place; the next `save` waits first, so one save is in flight at a time."""
+
+    def __init__(self, run_dir: Path, keep_last: int, keep_best: bool, async_save: bool,
+                 rank: int, world_size: int):
+        self.run_dir, self.keep_last, self.keep_best = Path(run_dir), keep_last, keep_best
+        self.rank, self.world_size = rank, world_size
+        self.group = dist.new_group(backend="gloo") if async_save else None
+        """DCP's own group for background saves (every rank creates it, in the same order)."""
+        self._pool = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="helox-checkpoint")
+                      if async_save and rank == 0 else None)
+        self._in_flight: Future | None = None
+        self.last_stall_s = 0.0
+
+    def save(self, step: int, parts: Mapping[str, Any], per_rank: set[str], config: dict,
+             run_info: dict, extra_files: dict[str, Path] | None = None,
+             val_loss: float | None = None) -> Path:
+        """Checkpoint `step`; returns the folder it is (or will be) in."""
+        started = time.perf_counter()
+        self.wait()
+        final = checkpoint_dir(self.run_dir, step)
+        tmp = checkpoint_root(self.run_dir) / f"{TEMP_PREFIX}{final.name}-job"
+        if self.rank == 0:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        # Before the shards: rank 0 seals once DCP finished, which needs every rank in it.
+        own_file = tmp / rank_file(self.rank)
+        torch.save({name: host_copy(parts[name].state_dict()) for name in per_rank}, own_file)
+        fsync_path(own_file)
+        sharded = sharded_state(parts)
+        snap = None
+        if self.rank == 0:
+            shared = {name: part for name, part in parts.items()
+                      if name not in per_rank and name not in sharded}
+            snap = snapshot(step, shared, config, run_info, extra_files, val_loss)
+            snap.world_size = self.world_size
+            snap.sharded = {**{name: SHARDED for name in sharded},
+                            **{name: RANK_FILES for name in per_rank}}
+        if self.group is None:
+            save_dcp(tmp, sharded)
+            dist.barrier()
+            if snap is not None:
+                self._seal(tmp, final, snap)
+            dist.barrier()  # no rank reads or writes checkpoints before this one is in place
+        else:
+            written = save_dcp_async(tmp, sharded, self.group)
+            self._in_flight = (self._pool.submit(self._seal, tmp, final, snap, written)
+                               if self._pool is not None else written)
+        self.last_stall_s = time.perf_counter() - started
+        return final
+
+    def _seal(self, tmp: Path, final: Path, snap: Snapshot, written: Future | None = None,
+              ) -> None:
+        """Rank 0: once every rank's shards are written, the rest of the files, then the
+        checksums, the rename, best.json and pruning."""
+        if written is not None:
+            written.result()
+        _write_files(tmp, snap, crash_halfway=False)
+        _publish(tmp, final, snap, self.keep_last, self.keep_best)
+
+    def wait(self, barrier: bool = True) -> None:
+        """Block until the save in flight is in place (raising its error here); with
+        `barrier`, every rank returns together (all ranks must call it)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+        if barrier and self.group is not None:
+            dist.barrier()
+
+    def close(self, failed: bool = False) -> None:
+        """Finish the save in flight; after a failure without waiting for the other ranks,
+        which may be gone."""
+        try:
+            self.wait(barrier=not failed)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

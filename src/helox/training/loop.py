@@ -154,7 +154,11 @@ class Trainer:
         self.watermark = None if config.watermark is None else watermark_for(
             config.watermark, load_tokenizer(dataset.tokenizer_path), dataset.eos_id)
         self.run_info = self.build_run_info({name: d.version for name, d in injected.items()})
-        self.writer = ckpt.CheckpointWriter.from_config(run_dir, config.checkpoint)
+        cc = config.checkpoint
+        self.writer = ckpt.JobCheckpointWriter(
+            run_dir, cc.keep_last, cc.keep_best, cc.async_save, self.job.rank,
+            self.job.world_size) if self.job.distributed else \
+            ckpt.CheckpointWriter.from_config(run_dir, cc)
         self.counters = Counters()
         self.state = self.register_state()
         self.resumed_from: int | None = None
@@ -565,22 +569,16 @@ class Trainer:
             extra_files[CARD_FILE] = self.run_dir / CARD_FILE
         config = self.config.model_dump(mode="json")
         if self.job.distributed:
-            started = time.perf_counter()
-            cc = self.config.checkpoint
-            path = ckpt.save_distributed(self.run_dir, self.step, self.state.parts(),
-                                         self.state.per_rank(), config, self.run_info,
-                                         self.job.rank, self.job.world_size, cc.keep_last,
-                                         cc.keep_best, extra_files, val_loss)
-            stall_s = time.perf_counter() - started
+            path = self.writer.save(self.step, self.state.parts(), self.state.per_rank(),
+                                    config, self.run_info, extra_files, val_loss)
         else:
             snapshot = ckpt.snapshot(self.step, self.state.parts(), config, self.run_info,
                                      extra_files=extra_files, val_loss=val_loss)
             path = self.writer.save(snapshot,
                                     crash_halfway=self.faults.crash_during_save(self.step))
-            stall_s = self.writer.last_stall_s
         self.last_save_time = time.monotonic()
         self.log({"step": self.step, "checkpoint": path.name,
-                  "checkpoint_stall_s": round(stall_s, 4)})
+                  "checkpoint_stall_s": round(self.writer.last_stall_s, 4)})
         return path
 
     def stop_for_signal(self, name: str, saved: Path | None, val_loss: float | None) -> Path:
@@ -667,7 +665,10 @@ class Trainer:
     def close(self, failed: bool = False) -> None:
         """Finish the save in flight (its folder exists once this returns), then the rest;
         `failed`: the run ends with an exception (the sinks mark their runs failed)."""
-        self.writer.close()
+        if self.job.distributed:
+            self.writer.close(failed=failed)
+        else:
+            self.writer.close()
         if self.sinks is not None:
             self.sinks.close(failed=failed)
         for log in (self.metrics, self.events, self.telemetry_log):
