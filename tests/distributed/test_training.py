@@ -277,3 +277,17 @@ def test_readers_take_the_sharded_checkpoint_and_consolidate_writes_the_single_f
     for name, tensor in exp_avg.items():
         assert torch.equal(shards[f"state.{name}.exp_avg"], tensor), name
     assert ckpt.read_checkpoint(single).state.keys() == ckpt.read_checkpoint(sharded).state.keys()
+
+
+def test_a_job_warm_starts_from_a_one_process_checkpoint_like_one_process(
+        recipe, one_process, tiny_dataset, tmp_path):
+    """train.init_from into FSDP2: each rank copies its shard of every matching tensor."""
+    source = ["--set", f"train.init_from={one_process.parent / 'step-4'}"]
+    config = tiny_config(recipe[0].workspace, [*OVERRIDES, source[1]])
+    train(config, tmp_path / "one", tiny_dataset, console=Console(quiet=True))
+    helox_train(recipe[1], tmp_path / "job", *source)
+    started = [e for e in read_metrics(tmp_path / "job" / "events.jsonl")
+               if e["event"] == "initialized_from"]
+    assert len(started) == 1 and not started[0]["weights"]["fresh"]
+    torch.testing.assert_close(losses(tmp_path / "job"), losses(tmp_path / "one"), rtol=1e-5,
+                               atol=0)

@@ -261,15 +261,16 @@ def load_optimizer_partial(path: Path, optimizer: torch.optim.Optimizer,
                            model: nn.Module) -> PartialRestore:
     """Each parameter's optimizer state from the checkpoint where its name exists there and
     its shape is unchanged; the others keep fresh state (their step counts from 0). Group
-    hyperparameters stay those of `optimizer` (the new run's config)."""
+    hyperparameters stay those of `optimizer` (the new run's config). Into a distributed job
+    (FSDP2, ZeRO-1) each rank takes its shard of the states it holds."""
     names = param_names(optimizer, model)
     file = Path(path) / OPTIMIZER_FILE
-    if _parts(path).get("optimizer") == SHARDED or is_distributed(optimizer) \
-            or is_distributed(model):
-        raise HeloxError(f"{path}: a warm start of optimizer states is done by one process "
-                         "from a single-file checkpoint",
-                         hint="write one with `helox checkpoint consolidate`, or set "
-                              "train.init_optimizer=false to load only the weights")
+    if _parts(path).get("optimizer") == SHARDED:
+        raise HeloxError(f"{path}: optimizer states are warm-started from a single-file "
+                         "checkpoint, and this one was saved by a multi-process job",
+                         hint="write its single-file form with `helox checkpoint "
+                              "consolidate`, or set train.init_optimizer=false to load only "
+                              "the weights")
     if not file.is_file():  # an imported model: weights without optimizer state
         return PartialRestore(fresh={name: "the checkpoint has no optimizer state"
                                      for group_names in names for name in group_names})
@@ -290,7 +291,10 @@ def load_optimizer_partial(path: Path, optimizer: torch.optim.Optimizer,
                 report.loaded.append(name)
             flat_index += 1
     report.dropped = sorted(set(saved_index) - {n for group in names for n in group})
-    optimizer.load_state_dict(current)
+    if is_distributed(optimizer) or is_distributed(model):
+        load_full_optimizer(model, optimizer, saved, PARAM_NAMES, only=set(report.loaded))
+    else:
+        optimizer.load_state_dict(current)
     return report
 
 

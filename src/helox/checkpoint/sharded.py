@@ -166,14 +166,15 @@ def load_full_module(part: nn.Module, file: Path) -> None:
 
 
 def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict,
-                        names_key: str) -> None:
+                        names_key: str, only: set[str] | None = None) -> None:
     """A single-process optimizer state (param groups naming their parameters under
     `names_key`) into a distributed job's optimizer: each rank takes the state of the
-    parameters it holds, sharded like them."""
+    parameters it holds, sharded like them. With `only`, just those parameters' states (a
+    warm start); the others stay fresh."""
     by_name = {name: saved["state"][index]
                for group in saved["param_groups"]
                for name, index in zip(group[names_key], group["params"])
-               if index in saved["state"]}
+               if index in saved["state"] and (only is None or name in only)}
     optimizer = local_optimizer(optimizer)
     live = get_optimizer_state_dict(model, optimizer,
                                     options=StateDictOptions(full_state_dict=True))

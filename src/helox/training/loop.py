@@ -1,6 +1,8 @@
 """The training loop. `train` builds a `Trainer`, starts it (resume, logs, loss functions) and
 runs the loop, which reads top to bottom: per step train, log, evaluate, sample the telemetry,
-rebalance, recover, save.
+rebalance, recover, save. Under torchrun the same loop runs on every rank of the job
+(docs/distributed.md): the decisions are taken on reduced figures, so every rank takes them
+alike, and rank 0 alone writes.
 
 Legend: B micro-batch size, T sequence length, V vocabulary.
 """
@@ -333,8 +335,9 @@ class Trainer:
         (torchrun forwards SIGTERM to each worker, which may see it a step apart)."""
         if not self.job.distributed:
             return signals.received
-        received = max_over_ranks([float(signals.received is not None)], self.job)[0]
-        return (signals.received or "SIGTERM") if received else None
+        number = signal.Signals[signals.received].value if signals.received else 0
+        agreed = int(max_over_ranks([float(number)], self.job)[0])
+        return signal.Signals(agreed).name if agreed else None
 
     def train_one_step(self) -> tuple[StepOutcome, float]:
         """One optimizer step with its metrics line (and events line when it was bad)."""
