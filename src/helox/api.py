@@ -25,14 +25,16 @@ from helox.config import RunConfig
 from helox.config import load_config as _load_config
 from helox.data.prepare import prepare_dataset as _prepare_dataset
 from helox.data.shards import DatasetVersion
+from helox.distributed.job import join_job
 from helox.eval.runner import EvalOutcome
 from helox.eval.runner import evaluate as _evaluate
 from helox.export.exporter import Exported
 from helox.export.exporter import export_model as _export_model
 from helox.resources import resolve_recipe
-from helox.run import default_run_dir
+from helox.run import default_run_dir, prepare_for_job
 from helox.training.loop import TrainResult
 from helox.training.loop import train as _train
+from helox.training.setup import pick_device
 
 Warn = Callable[[str], None]
 
@@ -53,8 +55,11 @@ def train(config: RunConfig, dataset: DatasetVersion | None = None,
           run_dir: Path | None = None, until_step: int | None = None,
           console: Console | None = None) -> TrainResult:
     """Train (or resume) in `run_dir` (default WORKSPACE/runs/NAME), preparing the dataset
-    first unless one is given."""
-    dataset = dataset if dataset is not None else _prepare_dataset(config)
+    first unless one is given. Under torchrun every process calls this: it joins the job, rank
+    0 prepares the dataset and the others open the version it made."""
+    job = join_job(config.parallel, pick_device(config.train.device))
+    if dataset is None:
+        dataset = prepare_for_job(config, job, lambda: _prepare_dataset(config, purpose="train"))
     return _train(config, Path(run_dir) if run_dir else default_run_dir(config), dataset,
                   until_step=until_step, console=console)
 

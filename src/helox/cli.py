@@ -338,7 +338,7 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
     from dataclasses import asdict
 
     from helox.distributed.job import join_job, leave_job
-    from helox.run import default_run_dir, prepare_for_job
+    from helox.run import default_run_dir, prepare_for_job, prepare_with_progress
     from helox.training.loop import train
     from helox.training.setup import pick_device
 
@@ -353,7 +353,8 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
                                       *(["--json"] if as_json else [])])
     job = join_job(config.parallel, pick_device(config.train.device))
     try:
-        dataset = prepare_for_job(config, console, job)
+        dataset = prepare_for_job(config, job,
+                                  lambda: prepare_with_progress(config, console, "train"))
         result = train(config, run_dir or default_run_dir(config), dataset, until_step, console)
     finally:
         leave_job(job)
@@ -684,6 +685,7 @@ def launch_file(
                                                           "failure (each resumes).")] = 1,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Write the file here "
                                                                    "instead of stdout.")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print (or write) the file that launches `helox train RECIPE` on a cluster: a Slurm
     batch script, a Kubeflow TrainJob or a PyTorchJob, for NODES × NPROC_PER_NODE ranks.
@@ -692,13 +694,14 @@ def launch_file(
     """
     from helox.distributed.launch import LaunchSpec, render
 
-    text = render(target, LaunchSpec(recipe, nodes, nproc_per_node, not cpu, run_dir, image,
-                                     max_restarts))
-    if out_path is None:
-        print(text, end="")
-        return
-    out_path.write_text(text)
-    console.print(f"{target}: {out_path}")
+    spec = LaunchSpec(recipe, nodes, nproc_per_node, not cpu, run_dir, image, max_restarts)
+    text = render(target, spec)
+    if out_path is not None:
+        out_path.write_text(text)
+    record = {"target": target, "recipe": recipe, "world_size": spec.world_size,
+              **({"file": str(out_path)} if out_path else {"text": text})}
+    _emit(as_json, record, lambda: out.print(f"{target}: {out_path}") if out_path
+          else print(text, end=""))
 
 
 @checkpoint_app.command("consolidate")

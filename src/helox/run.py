@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -42,13 +43,14 @@ def prepare_with_progress(config: RunConfig, console: Console,
     return dataset
 
 
-def prepare_for_job(config: RunConfig, console: Console, job: Job) -> DatasetVersion:
+def prepare_for_job(config: RunConfig, job: Job,
+                    prepare: Callable[[], DatasetVersion]) -> DatasetVersion:
     """The dataset a (possibly multi-process) training job reads: rank 0 builds or finds it
-    and records the read in the audit log for the job; the other ranks open the version it
-    names."""
-    version = prepare_with_progress(config, console, "train") if job.main else None
-    chosen = from_main(version.version if version else None, job)
-    return version if job.main else open_version(config, chosen)
+    with `prepare` (which records the read in the audit log for the job); the other ranks
+    open the version it names."""
+    dataset = prepare() if job.main else None
+    chosen = from_main(dataset.version if dataset else None, job)
+    return dataset if job.main else open_version(config, chosen)
 
 
 @dataclass
