@@ -24,6 +24,7 @@ from helox.checkpoint.sharded import dcp_tensors
 from helox.config import save_config
 from helox.distributed.job import Job
 from helox.errors import HeloxError
+from helox.eval.lm import load_language_model
 from helox.export.exporter import export_model
 from helox.observe.metrics import read_metrics, without_wall_clock
 from helox.testing.distributed import free_port
@@ -264,6 +265,10 @@ def test_readers_take_the_sharded_checkpoint_and_consolidate_writes_the_single_f
     tokens = torch.arange(24).unsqueeze(0)
     logits = [ckpt.load_trained_model(path).model(tokens) for path in (sharded, single)]
     assert torch.equal(*logits)
+    generated = run_job([sys.executable, "-m", "helox.cli", "generate", str(straight),
+                         "--prompt", "In the", "--max-new-tokens", "4", "--json"])
+    assert generated.returncode == 0, generated.stderr
+    assert load_language_model(sharded).version.startswith(sharded.name)  # helox eval's model
     exports = [export_model(path, "hf", tmp_path / f"hf-{path.name}") for path in
                (sharded, single)]
     assert len({e.metadata["helox.model_fingerprint"] for e in exports}) == 1
