@@ -1,6 +1,8 @@
 """The CUDA path of distributed training (skipped without CUDA): NCCL, bf16, FSDP2 with CPU
 offload, and `helox train` on GPUs. Ranks take one GPU each, so these run on every GPU there
-is up to 2 (one GPU: a one-rank NCCL group, which still runs fully_shard and NCCL)."""
+is up to 2. On one GPU the NCCL group has one rank: the bf16 test then runs NCCL's
+collectives without sharding, and the offload test still runs FSDP2 (offloading shards even
+one rank's parameters)."""
 
 import subprocess
 import sys

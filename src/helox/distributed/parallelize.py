@@ -46,9 +46,10 @@ def build_mesh(cfg: ParallelConfig, device: torch.device) -> DeviceMesh:
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> nn.Module:
     """The model as it trains on the mesh: FSDP2 when parameters are sharded (each block its
-    own unit, so only one block's full parameters exist at a time), else DDP."""
+    own unit, so only one block's full parameters exist at a time) or offloaded to the host
+    (which FSDP2 does, even on one rank), else DDP."""
     replicate, shard = mesh.shape
-    if shard > 1:
+    if shard > 1 or cfg.cpu_offload:
         fsdp_mesh = mesh if replicate > 1 else mesh["dp_shard"]  # HSDP on a 2-D mesh
         options = {"mesh": fsdp_mesh}
         if cfg.cpu_offload:

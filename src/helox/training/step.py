@@ -152,7 +152,8 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
         totals = mean_over_ranks(totals, group)
     # The one host sync of the step, before the update: it decides whether there is one.
     # The scale rides along (scaler.get_scale() would be a sync of its own).
-    synced = [*totals.values(), grad_norm.float()]
+    device = totals["total"].device  # FSDP2's CPU offload keeps the gradients on the host
+    synced = [*totals.values(), grad_norm.float().to(device)]
     if scaler is not None:
         synced.append(scaler._get_scale_async())
     values = torch.stack(synced).tolist()
