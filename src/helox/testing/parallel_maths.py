@@ -32,11 +32,13 @@ MODES = {"ddp": ParallelConfig(dp_replicate=2, dp_shard=1),
          "fsdp": ParallelConfig(dp_replicate=1, dp_shard=2),
          "zero1": ParallelConfig(dp_replicate=2, dp_shard=1, zero1=True),
          "ddp_summed": ParallelConfig(dp_replicate=2, dp_shard=1),
+         "hsdp": ParallelConfig(dp_replicate=2, dp_shard=2),  # on 4 ranks
          "fsdp_any": ParallelConfig(),
          "fsdp_offload": ParallelConfig(cpu_offload=True)}
-"""What each mode runs on 2 ranks; ddp_summed is DDP with a planted bug: gradients summed
-over the ranks instead of averaged (what PyTorch issue #162338 reports of FSDP2 on gloo).
-fsdp_any and fsdp_offload shard over every rank there is (the GPU tests: 1 or 2 GPUs)."""
+"""What each mode runs on 2 ranks (hsdp: 2 replicas of 2 shards, 4 ranks). ddp_summed is DDP
+with a planted bug: gradients summed over the ranks instead of averaged (what PyTorch issue
+#162338 reports of FSDP2 on gloo). fsdp_any and fsdp_offload shard over every rank there is
+(the GPU tests: 1 or 2 GPUs)."""
 CPU = torch.device("cpu")
 
 
