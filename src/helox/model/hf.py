@@ -52,6 +52,10 @@ def hf_to_helox_name(name: str) -> str:
     return _rename(name, _FROM_HF)
 
 
+def helox_to_hf_name(name: str) -> str:
+    return _rename(name, _TO_HF)
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Helox weights → HF LlamaForCausalLM weights (a tied head is left out, as HF saves it)."""
     return {_rename(name, _TO_HF): tensor for name, tensor in state.items()
