@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
+from helox.chat.masks import encode_conversation
+from helox.chat.messages import Conversation
+from helox.chat.templates import TEMPLATE_FILE, ChatTemplate
 from helox.cli import app
 from helox.config import load_config
 from helox.data.prepare import prepare_dataset
@@ -120,3 +124,18 @@ def test_fine_tune_a_few_steps_and_export_back_to_transformers(imported, tmp_pat
     before = imported_source.model
     assert not torch.equal(before.blocks[0].attn.q_proj.weight,
                            source.model.blocks[0].attn.q_proj.weight)  # the steps changed it
+
+
+def test_the_imported_tokenizer_keeps_its_chat_template(hf_folder, imported):
+    """chat_template.json beside tokenizer.json: SmolLM2's own template, rendered and tokenized
+    by Helox as transformers does it from the source folder."""
+    template = ChatTemplate.from_file(imported / TEMPLATE_FILE)
+    assert template.name == "tokenizer" and "<|im_start|>" in template.source
+    conversation = Conversation.model_validate({"messages": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."}]})
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folder, local_files_only=True)
+    encoded = encode_conversation(conversation, template,
+                                  Tokenizer.from_file(str(imported / "tokenizer.json")))
+    assert encoded.ids == hf_tokenizer.apply_chat_template(
+        conversation.template_messages(), tokenize=True, return_dict=False)

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -125,6 +126,8 @@ ALPACA = """\
 """Alpaca's instruction/response blocks; no tools."""
 
 BUILTIN = {"chatml": CHATML, "llama3": LLAMA3, "alpaca": ALPACA}
+TEMPLATE_FILE = "chat_template.json"
+"""A tokenizer's own template, saved beside its tokenizer.json."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,24 @@ class ChatTemplate:
             raise HeloxError(f"unknown chat template {name!r}",
                              hint=f"choose one of {', '.join(BUILTIN)}, or the tokenizer's own")
         return cls(name, BUILTIN[name], tuple(sorted((special_tokens or {}).items())))
+
+    @classmethod
+    def from_file(cls, path: Path) -> ChatTemplate:
+        """A template saved with `save` (`helox import-hf` saves the imported tokenizer's
+        as chat_template.json beside its tokenizer.json)."""
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(raw["name"], raw["template"],
+                       tuple(sorted(raw.get("special_tokens", {}).items())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HeloxError(f"{path}: not a chat template file ({exc})",
+                             hint="re-import the model with `helox import-hf`, or choose a "
+                                  "built-in template") from None
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps({"name": self.name, "template": self.source,
+                                          "special_tokens": dict(self.special_tokens)},
+                                         indent=1, ensure_ascii=False))
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = False,
                upto: int | None = None) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from helox.chat.templates import TEMPLATE_FILE, ChatTemplate
 from helox.checkpoint import TOKENIZER_FILE, checkpoint_dir, snapshot, write_snapshot
 from helox.config import RunConfig
 from helox.errors import HeloxError
@@ -96,6 +97,10 @@ def import_transformers_model(source: Path, out_dir: Path, overwrite: bool) -> P
     if eos_token is None:
         raise HeloxError(f"{source}: the tokenizer names no end-of-sequence token",
                          hint="set eos_token in its tokenizer_config.json")
+    if isinstance(hf_tokenizer.chat_template, str):  # its own chat template, for fine-tuning
+        ChatTemplate("tokenizer", hf_tokenizer.chat_template,
+                     tuple(sorted(hf_tokenizer.special_tokens_map.items()))).save(
+            staging / TEMPLATE_FILE)
     name = (source.stem if source.is_file() else source.name).replace(" ", "-")
     model_dict = model_cfg.model_dump(mode="json")
     final_checkpoint = checkpoint_dir(out_dir, 0)
