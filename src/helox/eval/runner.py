@@ -24,7 +24,8 @@ from helox.eval.contamination import contaminated_items
 from helox.eval.lm import LanguageModel, load_language_model
 from helox.eval.results import (RESULTS_FILE, Comparison, SuiteResult, compare, read_items,
                                 task_result, write_results)
-from helox.eval.suite import (GoldenTask, LoadedSuite, PerplexityTask, RecallTask, load_suite)
+from helox.eval.suite import (GoldenTask, LoadedSuite, PerplexityTask, RecallTask,
+                              ToolCallTask, load_suite)
 
 
 def run_suite(lm: LanguageModel, loaded: LoadedSuite, dataset: DatasetVersion | None,
@@ -55,7 +56,7 @@ def prepare_tasks(lm: LanguageModel, loaded: LoadedSuite, dataset: DatasetVersio
 
 def _prepare(lm: LanguageModel, task, loaded: LoadedSuite, dataset: DatasetVersion | None):
     """What each task scores: golden items, documents, or generated probes."""
-    if isinstance(task, GoldenTask):
+    if isinstance(task, GoldenTask | ToolCallTask):
         return loaded.items[task.name]
     if isinstance(task, PerplexityTask):
         if task.source == "validation":
@@ -75,6 +76,8 @@ def _score(lm: LanguageModel, task, prepared, advance) -> list[T.ItemRow]:
         return T.score_golden(lm, task, prepared, advance)
     if isinstance(task, PerplexityTask):
         return T.score_perplexity(lm, task, prepared, advance)
+    if isinstance(task, ToolCallTask):
+        return T.score_tool_calls(lm, task, prepared, advance)
     return T.score_exact_answers(lm, task.name, prepared, advance)
 
 
@@ -87,6 +90,10 @@ def _item_texts(lm: LanguageModel, task, prepared) -> dict[tuple[str, str], str]
             i.prompt, i.target, i.choices[i.answer] if i.choices else None])) for i in prepared}
     if isinstance(task, PerplexityTask) and task.path is not None:
         return {(task.name, doc_id): text for doc_id, _, _, text in prepared}
+    if isinstance(task, ToolCallTask):
+        return {(task.name, conversation.id or str(index + 1)): " ".join(
+            m.content for m in conversation.messages if m.role == "user" and m.content)
+            for index, conversation in enumerate(prepared)}
     return {}
 
 

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from helox.chat.messages import read_conversations
 from helox.configbase import StrictModel, describe_error
 from helox.errors import HeloxError
 from helox.resources import suites_dir
@@ -133,7 +134,19 @@ class ReasoningTask(TaskBase):
     seed: int = Field(default=0, ge=0)
 
 
-Task = Annotated[Union[GoldenTask, PerplexityTask, RecallTask, ReasoningTask],
+class ToolCallTask(TaskBase):
+    type: Literal["tool_calls"]
+    items: Path
+    """JSONL conversations with tools (helox.chat.messages), relative to the suite file. Each
+    is scored on its first assistant turn: the model, prompted with what comes before it,
+    must call the tools that turn calls with the same arguments (or call none, if it calls
+    none)."""
+    template: Literal["chatml", "llama3"] = "chatml"
+    """The chat template the prompt is rendered with and the calls are read in."""
+    max_new_tokens: int = Field(default=96, ge=1)
+
+
+Task = Annotated[Union[GoldenTask, PerplexityTask, RecallTask, ReasoningTask, ToolCallTask],
                  Field(discriminator="type")]
 
 
@@ -253,6 +266,14 @@ def load_suite(name_or_path: str | Path) -> LoadedSuite:
             problems += task_problems
             if items_path.is_file():
                 digest.update(items_path.read_bytes())
+        elif isinstance(task, ToolCallTask):
+            items_path = path.parent / task.items
+            if not items_path.is_file():
+                problems.append(f"{path}:{_line_of(node, ('tasks', task_index, 'items'))}: "
+                                f"tasks.{task_index}.items: {task.items} does not exist")
+                continue
+            items[task.name] = [c for _, c in read_conversations(items_path)]
+            digest.update(items_path.read_bytes())
         elif isinstance(task, PerplexityTask) and task.path is not None:
             if not (path.parent / task.path).exists():
                 problems.append(f"{path}:{_line_of(node, ('tasks', task_index, 'path'))}: "

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from helox.chat.messages import Conversation
+from helox.chat.templates import ChatTemplate
+from helox.chat.tooluse import score_calls
 from helox.data.sources import SourceConfig, read_documents
 from helox.data.synthetic import make_probe
 from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel
 from helox.eval.suite import (GoldenItem, GoldenTask, PerplexityTask, ReasoningTask,
-                              RecallTask)
+                              RecallTask, ToolCallTask)
 
 Advance = Callable[[int], None]
 CHUNK_ITEMS = 16
@@ -280,3 +283,51 @@ def _variable_chain(rng: np.random.Generator, steps: int) -> tuple[str, str]:
             lines.append(f"{chain[0]} = {values[c]}." if i == 0 else f"{chain[i]} = "
                          f"{chain[i - 1]}.")
     return " ".join(lines) + f" {chains[0][-1]} =", f" {values[0]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# tool calls
+
+TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+
+def tool_call_prompts(lm: LanguageModel, task: ToolCallTask, conversations: list[Conversation],
+                      ) -> list[tuple[str, str, list[int], list]]:
+    """(item id, user request, prompt ids, expected calls) per conversation: the conversation
+    up to its first assistant turn, rendered with the generation prompt."""
+    template = ChatTemplate.builtin(task.template,
+                                    {"eos_token": lm.tokenizer.id_to_token(lm.eos_id) or ""})
+    prompts = []
+    for index, conversation in enumerate(conversations):
+        turns = conversation.assistant_turns()
+        if not turns:
+            raise HeloxError(f"task {task.name}: conversation {index + 1} has no assistant turn",
+                             hint="each item needs the assistant turn it is scored on")
+        first = turns[0]
+        prompt = template.render(conversation, add_generation_prompt=True, upto=first)
+        request = next((m.content for m in conversation.messages[:first] if m.role == "user"),
+                       "") or ""
+        expected = [call.function for call in conversation.messages[first].tool_calls or []]
+        prompts.append((conversation.id or str(index + 1), request, lm.encode(prompt), expected))
+    return prompts
+
+
+def score_tool_calls(lm: LanguageModel, task: ToolCallTask, conversations: list[Conversation],
+                     advance: Advance) -> list[ItemRow]:
+    """Greedy generations of the first assistant turn; an item scores 1 when its calls are
+    well formed, of the right tools and with exactly the right arguments. Rows are grouped by
+    the expected tool (`no_tool` where the turn calls none)."""
+    prompts = tool_call_prompts(lm, task, conversations)
+    rows = []
+    for start in range(0, len(prompts), CHUNK_ITEMS):
+        chunk = prompts[start:start + CHUNK_ITEMS]
+        outputs = lm.greedy([ids for _, _, ids, _ in chunk], task.max_new_tokens,
+                            [TURN_END[task.template]])
+        for (item_id, request, _, expected), output in zip(chunk, outputs):
+            score = score_calls(output, expected, task.template)
+            rows.append(ItemRow(task.name, item_id, request, score=float(score.right_arguments),
+                                group=expected[0].name if expected else "no_tool",
+                                detail={"output": output, "well_formed": score.well_formed,
+                                        "right_tool": score.right_tool}))
+        advance(len(chunk))
+    return rows
