@@ -49,7 +49,7 @@ def test_a_missing_key_a_wrong_scorer_and_an_unknown_type_are_named_by_line(tmp_
         f"{path}:9: tasks.1.scorer: Input should be 'exact', 'contains', 'regex', 'choice' or "
         "'perplexity' (got 'fuzzy')",
         f"{path}:11: tasks.2: unknown type 'trivia'; valid types: golden, perplexity, recall, "
-        "reasoning"]
+        "reasoning, tool_calls"]
 
 
 def test_broken_jsonl_and_items_unfit_for_their_scorer_are_named_by_line(tmp_path):
