@@ -71,3 +71,15 @@ def test_the_scorer_tells_malformed_wrong_tool_and_wrong_arguments_apart():
     assert score_calls("Hello! How can I help?", [], "chatml") == (True, True, True)
     assert score_calls('{"name": "set_timer", "parameters": {"minutes": 5, "label": "tea"}}',
                        expected, "llama3") == (True, True, True)
+
+
+def test_the_shipped_set_is_the_generators_and_the_suite_loads(tmp_path):
+    """src/helox/evals/tool-use/ holds what scripts/build_tool_use.py writes."""
+    from helox.eval.suite import load_suite
+    from helox.resources import suites_dir
+
+    shipped = suites_dir() / "tool-use"
+    for path in write_tool_use_set(tmp_path, 400, 100, 0):
+        assert path.read_bytes() == (shipped / path.name).read_bytes(), path.name
+    loaded = load_suite("tool-use")
+    assert len(loaded.items["tool_calls"]) == 100
