@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -92,23 +92,32 @@ class Conversation(StrictModel):
 def read_conversations(path: Path) -> Iterator[tuple[int, Conversation]]:
     """(line number, conversation) for every non-blank line of a JSONL file; a line that is
     not a conversation is an error naming it."""
+    return read_records(path, Conversation, "a conversation",
+                        "each message needs a role (system, user, assistant, tool) and "
+                        "content, or an assistant's tool_calls")
+
+
+Record = TypeVar("Record", bound=StrictModel)
+
+
+def read_records(path: Path, model: type[Record], what: str, hint: str,
+                 ) -> Iterator[tuple[int, Record]]:
+    """(line number, `model`) for every non-blank line of a JSONL file; a line that is not
+    JSON, or not `what`, is an error naming the file and line and every problem."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, parse_conversation(line, f"{path}:{number}")
-
-
-def parse_conversation(line: str, where: str) -> Conversation:
-    try:
-        return Conversation.model_validate(json.loads(line))
-    except json.JSONDecodeError as exc:
-        raise HeloxError(f"{where}: not JSON ({exc.msg})",
-                         hint="one conversation per line: {\"messages\": [...]}") from None
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc, message = describe_error(err, Conversation)
-            problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
-        raise HeloxError(f"{where}: not a conversation: " + "; ".join(problems),
-                         hint="each message needs a role (system, user, assistant, tool) and "
-                              "content, or an assistant's tool_calls") from None
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                yield number, model.model_validate(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise HeloxError(f"{where}: not JSON ({exc.msg})",
+                                 hint=f"one JSON object per line; {hint}") from None
+            except ValidationError as exc:
+                problems = []
+                for err in exc.errors():
+                    loc, message = describe_error(err, model)
+                    problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
+                raise HeloxError(f"{where}: not {what}: " + "; ".join(problems),
+                                 hint=hint) from None

@@ -11,19 +11,17 @@ turn, which alone is trained (its tokens are the completion whose log-probabilit
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import ValidationError, model_validator
+from pydantic import model_validator
 from tokenizers import Tokenizer
 
 from helox.chat.masks import EncodedConversation, encode_conversation
-from helox.chat.messages import Conversation, Message
+from helox.chat.messages import Conversation, Message, read_records
 from helox.chat.templates import ChatTemplate, TemplateRenderError
-from helox.configbase import StrictModel, describe_error
-from helox.errors import HeloxError
+from helox.configbase import StrictModel
 
 
 class Preference(StrictModel):
@@ -78,10 +76,8 @@ def encode_preference(preference: Preference, template: ChatTemplate,
 
 def read_preferences(path: Path) -> Iterator[tuple[int, Preference]]:
     """(line number, pair) for every non-blank line; a bad line is an error naming it."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, _parse(line, f"{path}:{number}")
+    return read_records(path, Preference, "a preference pair",
+                        "each line needs a prompt (or messages), chosen and rejected")
 
 
 def encode_preferences(path: Path, template: ChatTemplate, tokenizer: Tokenizer,
@@ -91,21 +87,3 @@ def encode_preferences(path: Path, template: ChatTemplate, tokenizer: Tokenizer,
             yield number, encode_preference(preference, template, tokenizer)
         except TemplateRenderError as exc:
             raise TemplateRenderError(f"{path}:{number}: {exc.message}") from None
-
-
-def _parse(line: str, where: str) -> Preference:
-    try:
-        return Preference.model_validate(json.loads(line))
-    except json.JSONDecodeError as exc:
-        raise HeloxError(f"{where}: not JSON ({exc.msg})",
-                         hint='one pair per line: {"prompt": …, "chosen": …, "rejected": …}'
-                         ) from None
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc, message = describe_error(err, Preference)
-            problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
-        raise HeloxError(f"{where}: not a preference pair: " + "; ".join(problems),
-                         hint="each line needs a prompt (or messages), chosen and rejected"
-                         ) from None
-

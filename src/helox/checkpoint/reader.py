@@ -178,7 +178,7 @@ def load_part(restored: Restored, name: str, part: Any, model: nn.Module | None 
     elif isinstance(part, nn.Module):
         file = weights_file(restored.path, f"{name}.safetensors")
         if is_distributed(part):
-            load_full_module(part, file)
+            load_full_module(part, full_tensors(file))
         else:
             load_model(part, str(file), strict=True)
     elif isinstance(part, torch.optim.Optimizer):
@@ -208,7 +208,11 @@ def saved_weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     name = "ema" if ema else "model"
     if _parts(path).get(name) == SHARDED:
         return dcp_tensors(path, name)
-    file = weights_file(path, EMA_WEIGHTS if ema else MODEL_WEIGHTS)
+    return full_tensors(weights_file(path, EMA_WEIGHTS if ema else MODEL_WEIGHTS))
+
+
+def full_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors with the tied names save_model dropped put back."""
     saved = load_file(str(file))
     return saved | {alias: saved[kept] for alias, kept in _tied_aliases(file, saved).items()}
 

@@ -27,8 +27,6 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
@@ -153,13 +151,9 @@ def dcp_tensors(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
 # Single-file parts into a distributed job (a run saved on 1 process resumed on N)
 
 
-def load_full_module(part: nn.Module, file: Path) -> None:
-    """A safetensors file of full weights (tied names restored from its metadata) into a
-    module that may be DDP-wrapped or FSDP2-sharded: each rank keeps its own shards."""
-    tensors = load_file(str(file))
-    with safe_open(str(file), framework="pt") as f:
-        metadata = f.metadata() or {}
-    tensors |= {alias: tensors[kept] for alias, kept in metadata.items() if kept in tensors}
+def load_full_module(part: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Full weights by parameter path into a module that may be DDP-wrapped or FSDP2-sharded:
+    each rank keeps its own shards."""
     wanted = get_model_state_dict(part).keys()
     set_model_state_dict(part, {key: tensors[key] for key in wanted},
                          options=StateDictOptions(full_state_dict=True))

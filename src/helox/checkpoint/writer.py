@@ -51,8 +51,8 @@ from helox.checkpoint.format import format_record, write_format
 from helox.checkpoint.sharded import (RANK_FILES, SHARDED, rank_file, save_dcp, save_dcp_async,
                                       sharded_state)
 from helox.checkpoint.layout import (BEST_FILE, CHECKSUMS_FILE, CONFIG_FILE, RUN_INFO_FILE,
-                                     STATE_FILE, TEMP_PREFIX, checkpoint_dir, checkpoint_root,
-                                     list_checkpoints, write_config)
+                                     STATE_FILE, TEMP_PREFIX, checkpoint_dir, list_checkpoints,
+                                     write_config)
 from helox.errors import HeloxError
 from helox.fileio import fsync_path, sha256_file
 
@@ -197,12 +197,8 @@ def write_snapshot(run_dir: Path, snap: Snapshot, keep_last: int, keep_best: boo
 
     `crash_halfway` is fault injection: SIGKILL the process once the weights are in the
     temporary folder and the optimizer state is not, as a preempted machine would."""
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, snap.step)
-    tmp = root / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _temp_folder(final, str(os.getpid()))
     _write_files(tmp, snap, crash_halfway)
     _publish(tmp, final, snap, keep_last, keep_best)
     return final
@@ -213,15 +209,21 @@ def write_folder(final: Path, snap: Snapshot) -> Path:
     temporary folder, checksums, fsync, rename. Refuses to replace an existing folder."""
     if final.exists():
         raise HeloxError(f"{final} exists", hint="pass another --out, or delete it first")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{TEMP_PREFIX}{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _temp_folder(final, str(os.getpid()))
     _write_files(tmp, snap, crash_halfway=False)
     _seal(tmp)
     os.rename(tmp, final)
     fsync_path(final.parent)
     return final
+
+
+def _temp_folder(final: Path, suffix: str) -> Path:
+    """An empty temporary folder beside `final` (a leftover of a crash is replaced)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TEMP_PREFIX}{final.name}-{suffix}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
 
 
 def _publish(tmp: Path, final: Path, snap: Snapshot, keep_last: int, keep_best: bool) -> None:
@@ -416,12 +418,9 @@ class JobCheckpointWriter:
         started = time.perf_counter()
         self.wait()
         final = checkpoint_dir(self.run_dir, step)
-        tmp = checkpoint_root(self.run_dir) / f"{TEMP_PREFIX}{final.name}-job"
-        if self.rank == 0:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        dist.barrier()
+        tmp = _temp_folder(final, "job") if self.rank == 0 else \
+            final.with_name(f"{TEMP_PREFIX}{final.name}-job")
+        dist.barrier()  # the folder every rank writes into exists
         # Before the shards: rank 0 seals once DCP finished, which needs every rank in it.
         own_file = tmp / rank_file(self.rank)
         torch.save({name: host_copy(parts[name].state_dict()) for name in per_rank}, own_file)

@@ -96,7 +96,6 @@ def replicas_agree(model: nn.Module, job: Job) -> bool:
     if not plain:
         return True
     checksum = torch.stack([sum(p.sum() for p in plain), sum((p * p).sum() for p in plain)])
-    low, high = checksum.clone(), checksum.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    return bool(torch.equal(low, high))
+    extremes = torch.cat([checksum, -checksum])  # max and −min in one all-reduce
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(extremes[:2], -extremes[2:]))

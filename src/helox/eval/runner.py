@@ -91,7 +91,7 @@ def _item_texts(lm: LanguageModel, task, prepared) -> dict[tuple[str, str], str]
     if isinstance(task, PerplexityTask) and task.path is not None:
         return {(task.name, doc_id): text for doc_id, _, _, text in prepared}
     if isinstance(task, ToolCallTask):
-        return {(task.name, conversation.id or str(index + 1)): " ".join(
+        return {(task.name, T.tool_item_id(conversation, index)): " ".join(
             m.content for m in conversation.messages if m.role == "user" and m.content)
             for index, conversation in enumerate(prepared)}
     return {}

@@ -308,8 +308,14 @@ def tool_call_prompts(lm: LanguageModel, task: ToolCallTask, conversations: list
         request = next((m.content for m in conversation.messages[:first] if m.role == "user"),
                        "") or ""
         expected = [call.function for call in conversation.messages[first].tool_calls or []]
-        prompts.append((conversation.id or str(index + 1), request, lm.encode(prompt), expected))
+        prompts.append((tool_item_id(conversation, index), request, lm.encode(prompt),
+                        expected))
     return prompts
+
+
+def tool_item_id(conversation: Conversation, index: int) -> str:
+    """A conversation's id, else its line number among the task's items."""
+    return conversation.id or str(index + 1)
 
 
 def score_tool_calls(lm: LanguageModel, task: ToolCallTask, conversations: list[Conversation],

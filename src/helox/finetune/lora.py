@@ -121,11 +121,15 @@ def apply_lora(model: nn.Module, config: LoraConfig, name: str = DEFAULT_ADAPTER
 
 
 def _wrap(model: nn.Module, path: str, linear: nn.Linear) -> LoraLinear:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
     wrapped = LoraLinear(linear)
-    setattr(parent, leaf, wrapped)
+    _replace(model, path, wrapped)
     return wrapped
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path` in `model` (where the wrapped or unwrapped layer goes)."""
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, leaf, module)
 
 
 def _freeze_base(model: nn.Module) -> None:
@@ -159,8 +163,7 @@ def merge_lora(model: nn.Module) -> None:
         with torch.no_grad():
             for name in layer.active:
                 base.weight += layer.delta_weight(name).to(base.weight.dtype)
-        parent_path, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent_path) if parent_path else model, leaf, base)
+        _replace(model, path, base)
 
 
 # ---------------------------------------------------------------------------------------------

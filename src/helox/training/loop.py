@@ -308,7 +308,7 @@ class Trainer:
         loss, val_loss, saved, stopped_by = None, None, None, None
         with StepProgress(self.console, self.config.train.max_steps, self.step) as progress:
             while self.step < self.last_step:
-                outcome, tokens_per_s = self.train_one_step()
+                outcome, tokens_per_s, stop_signal = self.train_one_step(signals)
                 self.faults.kill_if_due(self.step)
                 loss = outcome.loss
                 step_val_loss = self.evaluate_if_due()
@@ -322,7 +322,8 @@ class Trainer:
                 elif self.save_due():
                     saved = self.save(step_val_loss)
                 progress.update(self.step, loss, tokens_per_s, step_val_loss)
-                stop_signal = self.agreed_signal(signals)
+                if not self.job.distributed:  # no one to agree with: as late as possible
+                    stop_signal = signals.received
                 if stop_signal and self.step < self.last_step:
                     stopped_by = stop_signal
                     saved = self.stop_for_signal(stopped_by, saved, step_val_loss)
@@ -330,17 +331,10 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, self.resumed_from, loss, val_loss, saved,
                            stopped_by)
 
-    def agreed_signal(self, signals: StopSignals) -> str | None:
-        """The stop signal, if any rank received one: every rank stops after the same step
-        (torchrun forwards SIGTERM to each worker, which may see it a step apart)."""
-        if not self.job.distributed:
-            return signals.received
-        number = signal.Signals[signals.received].value if signals.received else 0
-        agreed = int(max_over_ranks([float(number)], self.job)[0])
-        return signal.Signals(agreed).name if agreed else None
-
-    def train_one_step(self) -> tuple[StepOutcome, float]:
-        """One optimizer step with its metrics line (and events line when it was bad)."""
+    def train_one_step(self, signals: StopSignals) -> tuple[StepOutcome, float, str | None]:
+        """One optimizer step with its metrics line (and events line when it was bad); also
+        the stop signal received, by any rank of a job (torchrun forwards SIGTERM to each
+        worker, which may see it a step apart: all of them stop after the same step)."""
         config, tc = self.config, self.config.train
         step, number = self.step, self.step + 1  # `number`: how metrics.jsonl counts it
         lr_factor = self.recovery.lr_factor(number)
@@ -373,9 +367,11 @@ class Trainer:
             self.clip.record(outcome.grad_norm)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-        elapsed_s, memory = max_over_ranks(
-            [time.perf_counter() - started, memory_mib(self.device)["memory_peak_mib"]],
-            self.job)
+        received = signal.Signals[signals.received].value if signals.received else 0
+        # One all-reduce a step for the figures that differ by rank and the stop decision.
+        elapsed_s, memory, received = max_over_ranks(
+            [time.perf_counter() - started, memory_mib(self.device)["memory_peak_mib"],
+             float(received)], self.job)
         # The global figure: every rank's tokens over the slowest rank's time.
         tokens_per_s = batch.data.inputs.numel() * self.job.world_size / elapsed_s
         self.counters.step = number
@@ -385,7 +381,7 @@ class Trainer:
             self.event(bad_step_event(number, bad, outcome, z_score, self.detector,
                                       self.counters.skipped_steps))
         self.raise_alerts(alerts)
-        return outcome, tokens_per_s
+        return outcome, tokens_per_s, signal.Signals(int(received)).name if received else None
 
     def step_metrics(self, outcome: StepOutcome, batch: StepBatch, lr: float, lr_factor: float,
                      clip_norm: float | None, tokens_per_s: float,
