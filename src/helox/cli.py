@@ -587,8 +587,9 @@ def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: i
 
 
 FormatOpt = Annotated[str, typer.Option(
-    "--format", help="hf, onnx, gguf, or tensorrt (an engine built from the ONNX; needs "
-                     "TensorRT and an NVIDIA GPU).")]
+    "--format", help="hf, onnx, gguf, tensorrt (an engine built from the ONNX; needs "
+                     "TensorRT and an NVIDIA GPU), or peft (a LoRA run's adapter alone; the "
+                     "other formats hold a LoRA run's merged model).")]
 TypeOpt = Annotated[str, typer.Option(
     "--type", help="gguf: tensor type of the weight matrices: F32, F16, Q8_0 or Q4_0.")]
 KeyOpt = Annotated[Optional[Path], typer.Option(

@@ -15,6 +15,8 @@ This module sits above the components (it imports their configs); no component i
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from helox.checkpoint.config import CheckpointConfig
-from helox.checkpoint.layout import write_config
+from helox.checkpoint.layout import TOKENIZER_FILE, list_checkpoints, write_config
 from helox.configbase import StrictModel, describe_error
 from helox.data.config import DataConfig, TokenizerConfig
 from helox.data.curriculum import CurriculumConfig
@@ -32,6 +34,8 @@ from helox.distributed.config import ParallelConfig
 from helox.errors import HeloxError
 from helox.eval.config import EvaluationConfig
 from helox.fileio import sha256_json
+from helox.finetune.dpo import DpoRunConfig
+from helox.finetune.lora import LoraTrainConfig
 from helox.model.config import ModelConfig
 from helox.model.generate import SampleConfig
 from helox.observe.config import ObserveConfig
@@ -99,11 +103,18 @@ class RunConfig(StrictModel):
     """Text samples printed by `helox run`."""
     watermark: WatermarkConfig | None = None
     """A functional watermark trained in by the objective "watermark" (both or neither)."""
+    dpo: DpoRunConfig | None = None
+    """Preference training (DPO/IPO) on a `format: preference` dataset, from the policy that
+    train.init_from names (helox/finetune/dpo.py)."""
+    lora: LoraTrainConfig | None = None
+    """Train a LoRA adapter on the frozen base model that train.init_from names; the
+    checkpoints hold the adapter alone (helox/finetune/lora.py)."""
 
     @model_validator(mode="after")
     def _cross_section(self) -> RunConfig:
         """Checks that span sections, each at the path the user should edit: a recipe,
         `RunConfig(...)`, `model_validate` and a saved config are all validated alike."""
+        _tokenizer_of_base(self)
         problems = cross_section_problems(self)
         if problems:
             raise ValidationError.from_exception_data("RunConfig", [
@@ -128,7 +139,7 @@ def load_config(recipe: Path | str, overrides: list[str] = ()) -> RunConfig:
     raw = _read_yaml(recipe)
     problems = []
     for override in overrides:
-        problem = apply_override(raw, override)
+        problem = apply_override(raw, _from_here(override))
         if problem:
             problems.append(problem)
     if problems:
@@ -141,6 +152,18 @@ def validate_config(raw: dict, source: str, base_dir: Path | None = None) -> Run
         return RunConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(source, describe(exc)) from None
+
+
+def _tokenizer_of_base(config: RunConfig) -> None:
+    """A run that starts from a checkpoint (train.init_from) and names no tokenizer uses the
+    checkpoint's: its embeddings are rows of that vocabulary (a new BPE would scramble them)."""
+    base = config.train.init_from
+    if config.tokenizer.path is not None or base is None or not base.exists():
+        return
+    candidates = [base / TOKENIZER_FILE, *(c / TOKENIZER_FILE for c in list_checkpoints(base))]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        config.tokenizer.path = found
 
 
 def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
@@ -165,9 +188,71 @@ def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
                                                  f"({decay_steps} steps) exceed train.max_steps "
                                                  f"({config.train.max_steps})"))
     problems += _watermark_problems(config)
+    problems += _chat_problems(config)
+    problems += _lora_problems(config)
+    problems += _dpo_problems(config)
     if config.optim.warmup_steps >= config.train.max_steps:
         problems.append(("optim.warmup_steps", f"{config.optim.warmup_steps} must be below "
                                                f"train.max_steps ({config.train.max_steps})"))
+    return problems
+
+
+def _chat_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """A chat dataset's rows are train.seq_len long (filled in when unset) and are never cut."""
+    chat = config.data.chat
+    if chat is None:
+        return []
+    if chat.row_tokens is None:
+        chat.row_tokens = config.train.seq_len
+    problems = []
+    if chat.row_tokens != config.train.seq_len:
+        problems.append(("data.chat.row_tokens", f"{chat.row_tokens} differs from train.seq_len "
+                                                 f"({config.train.seq_len}); packed "
+                                                 "conversations are trained in rows of their "
+                                                 "own length (leave it unset)"))
+    if config.curriculum.seq_len:
+        problems.append(("curriculum.seq_len", "a shorter sequence would cut packed "
+                                               "conversations apart; chat data trains at "
+                                               "train.seq_len only"))
+    return problems
+
+
+def _dpo_problems(config: RunConfig) -> list[tuple[str, str]]:
+    if config.dpo is None:
+        if config.data.chat_kind == "preference":
+            return [("dpo", "preference pairs train with DPO: add a dpo section")]
+        return []
+    problems = []
+    if config.train.init_from is None:
+        problems.append(("train.init_from", "DPO improves a trained policy: name its "
+                                            "checkpoint or run folder"))
+    if not config.train.document_masking:
+        problems.append(("train.document_masking", "DPO reads a pair's two responses as the "
+                                                   "two documents of its row: set it true"))
+    if config.train.compile:
+        problems.append(("train.compile", "the DPO step runs eagerly for now: set it false"))
+    if config.data.chat_kind not in (None, "preference"):
+        problems.append(("data.train", "DPO trains on preference pairs: give the sources "
+                                       "`format: preference`"))
+    if [o.name for o in config.train.objectives] != ["lm"]:
+        problems.append(("train.objectives", "a DPO run's objective is the DPO loss alone"))
+    return problems
+
+
+def _lora_problems(config: RunConfig) -> list[tuple[str, str]]:
+    if config.lora is None:
+        return []
+    problems = []
+    if config.train.init_from is None:
+        problems.append(("train.init_from", "a LoRA run adapts a base model: name its "
+                                            "checkpoint or run folder (e.g. what `helox "
+                                            "import-hf` wrote)"))
+    if config.train.ema_decay:
+        problems.append(("train.ema_decay", "an EMA would copy the whole model for an adapter "
+                                            "of a few MB; set it to 0 for a LoRA run"))
+    if config.watermark is not None:
+        problems.append(("watermark", "a watermark is trained into the base weights, which a "
+                                      "LoRA run freezes"))
     return problems
 
 
@@ -212,6 +297,52 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(str(path), [("<recipe>", "the top level must be a mapping of sections")])
     return raw
+
+
+def _from_here(override: str) -> str:
+    """An override of a path field with a relative path, made absolute against the current
+    folder: paths written in a recipe are relative to the recipe, paths typed on the command
+    line to where they were typed."""
+    dotted, sep, text = override.partition("=")
+    if not sep or not text or text.startswith(("/", "~", "[", "{")) or \
+            not _is_path_field(dotted.split(".")):
+        return override
+    return f"{dotted}={(Path.cwd() / text).resolve()}"
+
+
+def _is_path_field(keys: list[str]) -> bool:
+    """Whether `a.b.0.c` names a Path field of RunConfig (through models and lists)."""
+    annotation: Any = RunConfig
+    for key in keys:
+        annotation = _element(annotation) if key.isdigit() else _field(annotation, key)
+        if annotation is None:
+            return False
+    return Path in _members(annotation)
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types of a union (X | None, Annotated[...]) or the type itself."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _members(args[0])
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [member for arg in args for member in _members(arg)]
+    return [annotation]
+
+
+def _field(annotation: Any, key: str) -> Any:
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, StrictModel) and \
+                key in member.model_fields:
+            return member.model_fields[key].annotation
+    return None
+
+
+def _element(annotation: Any) -> Any:
+    for member in _members(annotation):
+        if typing.get_origin(member) is list:
+            return typing.get_args(member)[0]
+    return None
 
 
 def apply_override(raw: dict, override: str) -> tuple[str, str] | None:

@@ -5,10 +5,12 @@ right-argument generations apart."""
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from helox.chat.messages import FunctionCall, read_conversations
+from helox.chat.parity import write_parity_set
 from helox.chat.templates import ChatTemplate
 from helox.chat.tooluse import (TOOLS, parse_tool_calls, score_calls, tool_use_set,
                                 write_tool_use_set)
@@ -83,3 +85,16 @@ def test_the_shipped_set_is_the_generators_and_the_suite_loads(tmp_path):
         assert path.read_bytes() == (shipped / path.name).read_bytes(), path.name
     loaded = load_suite("tool-use")
     assert len(loaded.items["tool_calls"]) == 100
+
+
+def test_the_shipped_parity_set_is_what_its_builder_writes(tmp_path):
+    """src/helox/evals/parity/ holds what scripts/build_parity.py writes; the splits share no
+    number and are balanced."""
+    shipped = Path(__file__).resolve().parents[2] / "src" / "helox" / "evals" / "parity"
+    for path in write_parity_set(tmp_path):
+        assert path.read_text() == (shipped / path.name).read_text(), path.name
+    train, test = ([json.loads(line) for line in (shipped / f"{s}.jsonl").open()]
+                   for s in ("train", "test"))
+    assert not {p["id"] for p in train} & {p["id"] for p in test}
+    assert sum(p["chosen"] == "Odd." for p in test) == 50
+    assert all((int(p["id"].split("-")[1]) % 2 == 1) == (p["chosen"] == "Odd.") for p in train)

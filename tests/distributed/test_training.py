@@ -27,7 +27,7 @@ from helox.errors import HeloxError
 from helox.eval.lm import load_language_model
 from helox.export.exporter import export_model
 from helox.observe.metrics import read_metrics, without_wall_clock
-from helox.testing.distributed import free_port
+from helox.testing.distributed import free_port, helox_train, run_job
 from helox.testing.tiny import tiny_config
 from helox.training.loop import train
 from helox.training.setup import check_parallel
@@ -36,30 +36,6 @@ STEPS = 12
 OVERRIDES = [f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "checkpoint.keep_last=3",
              "train.eval_every_steps=4", "checkpoint.keep_best=false",
              "observe.telemetry.sample_every_steps=3"]
-
-
-def helox_train(recipe, run_dir, *args, env=None, nproc=2):
-    command = [sys.executable, "-m", "helox.cli", "train", str(recipe), "--run-dir",
-               str(run_dir), *(["--nproc", str(nproc)] if nproc > 1 else []), *args]
-    done = run_job(command, env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
-def run_job(command: list[str], env: dict | None = None, timeout_s: float = 300,
-            ) -> subprocess.CompletedProcess:
-    """`command` in its own session; on a timeout the whole session (torchrun and every
-    rank it started) is killed, so no rank outlives the test."""
-    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command)} ran past {timeout_s} s:\n{stdout}{stderr}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def steps(run_dir) -> list[dict]:
@@ -245,6 +221,7 @@ def test_a_spike_on_one_rank_rolls_back_both_and_replicas_stay_identical(recipe,
                               r"equal the world size \(2\)"),
     (["train.micro_batch_size=3"], "the global batch of 3 sequences does not divide across 2"),
     (["train.ema_decay=0.99"], "train.ema_decay with parameters sharded over 2 ranks"),
+    (["lora={rank: 4}", "train.init_from=/"], "a LoRA run with parameters sharded over 2"),
 ])
 def test_a_job_that_does_not_fit_is_refused_naming_the_numbers(workspace, overrides, message):
     with pytest.raises(HeloxError, match=message):

@@ -19,7 +19,7 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=True):  # it has no special tokens
         return type("Encoding", (), {"ids": [ord(c) - 96 for c in text if c.isalpha()]})()
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(96 + i) for i in ids if 0 < i < 27)
 
 

@@ -22,7 +22,8 @@ from helox.export.gguf import (
     write_gguf,
 )
 from helox.export.parity import THRESHOLDS, parity_figures, threshold_failures
-from helox.export.provenance import training_metadata, weights_fingerprint
+from helox.checkpoint.fingerprint import weights_fingerprint
+from helox.export.provenance import training_metadata
 from helox.export.source import load_export_source
 from helox.model.generate import generate
 from helox.model.llama import Llama, apply_rope, rope_tables

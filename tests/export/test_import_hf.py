@@ -21,7 +21,7 @@ from helox.config import load_config
 from helox.data.prepare import prepare_dataset
 from helox.export.exporter import export_model
 from helox.export.manifest import generate_key, verify_artifact
-from helox.export.provenance import model_fingerprint
+from helox.checkpoint.fingerprint import model_fingerprint
 from helox.export.source import load_export_source
 from helox.testing.tiny import CORPUS
 from helox.training.loop import train

@@ -15,7 +15,8 @@ from helox.errors import HeloxError
 from helox.export.onnx import (MAX_SEQ_LEN_KEY, OPSET, OnnxRunner,
                                TensorRTRunner, build_tensorrt_engine, onnx_logits,
                                onnx_metadata, onnx_stored_tensors, write_onnx)
-from helox.export.provenance import training_metadata, weights_fingerprint
+from helox.checkpoint.fingerprint import weights_fingerprint
+from helox.export.provenance import training_metadata
 from helox.export.parity import THRESHOLDS, parity_figures, threshold_failures
 from helox.export.source import ExportSource, load_export_source
 from helox.testing.skips import NO_TENSORRT

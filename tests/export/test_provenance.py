@@ -13,8 +13,8 @@ from helox.cli import app
 from helox.export.exporter import export_model
 from helox.export.manifest import (FOLDER_MANIFEST, generate_key, manifest_path,
                                    verify_artifact)
-from helox.export.provenance import (StoredTensor, model_fingerprint, torch_stored,
-                                     weights_fingerprint)
+from helox.checkpoint.fingerprint import (StoredTensor, model_fingerprint, torch_stored,
+                                         weights_fingerprint)
 from helox.export.source import load_export_source
 
 

@@ -57,3 +57,31 @@ def test_sampling_respects_top_k_and_seed():
         return generate(model, [5], 10, 1.0, 1, generator=torch.Generator().manual_seed(seed))
 
     assert gen(0) == gen(1) == generate(model, [5], 10, 0, None)  # top-1 sampling is greedy
+
+
+def test_the_kv_cache_gives_the_full_forward_logits():
+    """A prompt in one forward, then one token at a time and a chunk of three, through the
+    cache: each position's logits are the full forward's."""
+    from helox.model.llama import KVCache
+
+    model = tiny_model()
+    tokens = torch.randint(0, 97, (2, 20))
+    full = model(tokens)
+    cache = KVCache(model.cfg, 2, 24, torch.device("cpu"), torch.float32)
+    pieces = [model(tokens[:, :12], cache=cache)]
+    pieces += [model(tokens[:, t:t + 1], cache=cache) for t in range(12, 17)]
+    pieces.append(model(tokens[:, 17:20], cache=cache))
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_cached_greedy_decoding_is_the_recomputed_one():
+    """What generate() returned before it had a cache: the argmax of the full forward over the
+    (cropped) context, token by token."""
+    model = tiny_model()
+    context, expected = [1, 2, 3], []
+    for _ in range(8):
+        next_id = int(model(torch.tensor([context]))[0, -1].argmax())
+        expected.append(next_id)
+        context.append(next_id)
+    assert generate(model, [1, 2, 3], 8, temperature=0, top_k=None) == expected

@@ -64,7 +64,7 @@ def test_streak_counts_consecutive_bad_steps_and_bad_losses_stay_out_of_the_wind
     detector = SpikeDetector(SpikeConfig(window_steps=10, min_history=3))
     for step in (1, 2, 3):
         detector.record(step, 2.0 + 0.01 * step, None)
-    assert detector.gate({"lm": 9.0}, 1.0) == "loss_spike"
+    assert detector.gate(9.0, 1.0) == "loss_spike"
     assert detector.record(4, 9.0, "loss_spike") == "loss_spike"
     assert detector.record(5, math.nan, "nonfinite") == "nonfinite"
     assert (detector.streak, detector.streak_start) == (2, 4)

@@ -209,8 +209,9 @@ class TemplateRenderError(HeloxError):
     """A conversation the chosen template cannot render (a role or a tool call it lacks)."""
 
     def __init__(self, message: str):
-        super().__init__(message, hint="choose a template that has it (chat.template: chatml "
-                                       "or llama3 render tool calls), or drop the conversation")
+        super().__init__(message, hint="choose a template that has it (data.chat.template: "
+                                       "chatml and llama3 render tool calls), or drop the "
+                                       "conversation")
 
 
 @lru_cache(maxsize=16)

@@ -11,21 +11,35 @@ from pathlib import Path
 
 import json
 
+import torch
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
+from helox.checkpoint.fingerprint import model_fingerprint
 from helox.checkpoint.format import read_format
 from helox.checkpoint.layout import (CHECKSUMS_FILE, CONFIG_FILE, EMA_WEIGHTS, MODEL_WEIGHTS,
                                      TOKENIZER_FILE, read_config_raw, read_run_info, run_dir_of,
                                      step_of)
-from helox.checkpoint.reader import load_weights, weights_file
+from helox.checkpoint.reader import load_weights, resolve_checkpoint, weights_file
 from helox.checkpoint.sharded import DCP_FOLDER
 from helox.data.tokenizer import eos_id, load_tokenizer
 from helox.errors import HeloxError
 from helox.fileio import sha256_file, sha256_json
+from helox.finetune.lora import LoraTrainConfig, attach_adapters, merge_lora
 from helox.model.config import ModelConfig
 from helox.model.generate import complete
 from helox.model.llama import Llama
+
+
+@dataclass
+class Adapter:
+    """What a LoRA run trained: its adapter, on which base."""
+
+    config: LoraTrainConfig
+    base_checkpoint: Path
+    base_fingerprint: str
+    state: dict[str, torch.Tensor]
+    """The adapter's weights under the model's names (`AdapterWeights`)."""
 
 
 @dataclass
@@ -42,6 +56,8 @@ class TrainedModel:
     """run.json: run fingerprint, dataset version, config hash, resume key, ..."""
     ema: bool
     """Whether `model` holds the moving average of the weights."""
+    adapter: Adapter | None = None
+    """A LoRA run's adapter; `model` is then its base with every adapter merged in."""
 
     @property
     def model_config(self) -> ModelConfig:
@@ -60,6 +76,8 @@ class TrainedModel:
         checksums of a multi-process checkpoint's dcp/ files. Two versions with one name
         stay apart."""
         file = self.checkpoint / (EMA_WEIGHTS if self.ema else MODEL_WEIGHTS)
+        if file.is_file() and self.adapter is not None:  # the adapter, and what it adapts
+            return sha256_json([sha256_file(file), self.adapter.base_fingerprint])[:chars]
         if file.is_file():
             return sha256_file(file)[:chars]
         checksums = json.loads((self.checkpoint / CHECKSUMS_FILE).read_text())
@@ -80,9 +98,14 @@ def load_trained_model(path: Path, ema: bool = False) -> TrainedModel:
     path = Path(path)
     read_format(path)  # refuses a format this Helox cannot read, naming it
     raw = read_config_raw(path)
+    run_info = read_run_info(path)
     model_config = model_config_of(raw, path)
-    model = Llama(model_config)
-    load_weights(path, model, ema)
+    adapter = None
+    if raw.get("lora"):
+        model, adapter = _adapted_model(path, raw, run_info, ema)
+    else:
+        model = Llama(model_config)
+        load_weights(path, model, ema)
     model.eval()
     tokenizer = load_tokenizer(weights_file(path, TOKENIZER_FILE))
     eos_token = (raw.get("tokenizer") or {}).get("eos_token")
@@ -92,7 +115,34 @@ def load_trained_model(path: Path, ema: bool = False) -> TrainedModel:
     return TrainedModel(model=model, tokenizer=tokenizer,
                         eos_id=eos_id(tokenizer, eos_token, path / TOKENIZER_FILE),
                         eos_token=eos_token, checkpoint=path, config=raw,
-                        run_info=read_run_info(path), ema=ema)
+                        run_info=run_info, ema=ema, adapter=adapter)
+
+
+def _adapted_model(path: Path, raw: dict, run_info: dict, ema: bool) -> tuple[Llama, Adapter]:
+    """A LoRA run's model: its base (read again from where the run found it, and checked to
+    be the same weights), the stacked adapters and the trained one, merged."""
+    if ema:
+        raise HeloxError(f"{path} is a LoRA run's checkpoint, which keeps no EMA",
+                         hint="read it without --ema")
+    lora = LoraTrainConfig.model_validate({**raw["lora"], "init_adapter": None},
+                                          context={"check_files": False})
+    info = run_info.get("lora") or {}
+    base_path = Path(info.get("base_checkpoint") or raw["train"]["init_from"])
+    if not base_path.exists():
+        raise HeloxError(f"{path} holds a LoRA adapter whose base model {base_path} is gone",
+                         hint="restore the base model's checkpoint at that path")
+    base = load_trained_model(resolve_checkpoint(base_path, warn=lambda message: None)).model
+    fingerprint = model_fingerprint(base)
+    if info.get("base_fingerprint") not in (None, fingerprint):
+        raise HeloxError(f"{path} holds an adapter trained on the base model with fingerprint "
+                         f"{info['base_fingerprint']}, but {base_path} now holds one with "
+                         f"fingerprint {fingerprint}",
+                         hint="restore the original base model at that path")
+    weights = attach_adapters(base, lora, fingerprint)
+    load_weights(path, weights)
+    state = {name: tensor.detach().clone() for name, tensor in weights.state_dict().items()}
+    merge_lora(base)
+    return base, Adapter(lora, base_path, fingerprint, state)
 
 
 def model_config_of(raw: dict, path: Path) -> ModelConfig:

@@ -10,6 +10,7 @@ from typing import Annotated, Union
 from pydantic import Field, field_validator, model_validator
 
 from helox.configbase import StrictModel, resolve_input_path
+from helox.data.chat import ChatDataConfig
 from helox.data.contamination import ContaminationConfig
 from helox.data.dedup import ExactDedupConfig, NearDedupConfig, SemanticDedupConfig
 from helox.data.domains import DomainTagConfig
@@ -52,12 +53,36 @@ class DataConfig(StrictModel):
     """Processes that run the per-document steps (the dataset is identical for any number)."""
     shard_size_tokens: int = Field(default=1 << 22, gt=0)
     """Target number of tokens per binary shard file."""
+    chat: ChatDataConfig | None = None
+    """How `format: chat` sources become training rows: template, trained tokens, row length
+    (defaults apply when a chat source is given without it)."""
+
+    @property
+    def chat_kind(self) -> str | None:
+        """"chat" (conversations) or "preference" (pairs) when the sources are, else None."""
+        kinds = {s.format for s in [*self.train, *self.val]} & {"chat", "preference"}
+        return next(iter(kinds)) if kinds else None
+
+    @property
+    def is_chat(self) -> bool:
+        return self.chat_kind is not None
 
     @model_validator(mode="after")
     def _sources_or_version(self) -> DataConfig:
         if not self.train and self.version is None:
             raise ValueError("give training sources in data.train, or an existing dataset "
                              "version in data.version")
+        kinds = {source.format if source.format in ("chat", "preference") else "text"
+                 for source in [*self.train, *self.val]}
+        if len(kinds) > 1:
+            raise ValueError(f"the sources mix {' and '.join(sorted(kinds))} formats; a dataset "
+                             "is all conversations, all preference pairs or all text (inject "
+                             "another kind as a second dataset through curriculum.inject)")
+        if self.is_chat and self.synthetic:
+            raise ValueError("synthetic tasks write text documents; a chat dataset cannot "
+                             "hold them")
+        if self.is_chat and self.chat is None:
+            self.chat = ChatDataConfig()
         domains = [task.domain_name for task in self.synthetic]
         if len(domains) != len(set(domains)):
             raise ValueError(f"two synthetic tasks write the same domain: {domains}; give each "
@@ -67,7 +92,8 @@ class DataConfig(StrictModel):
 
 class TokenizerConfig(StrictModel):
     path: Path | None = None
-    """An existing Hugging Face `tokenizer.json` to use; None trains a byte-level BPE."""
+    """An existing Hugging Face `tokenizer.json` to use; None trains a byte-level BPE, or,
+    when train.init_from names a checkpoint, uses that checkpoint's tokenizer."""
     vocab_size: int = Field(default=4096, ge=260)
     """Vocabulary size of the trained BPE (256 byte symbols + special tokens + merges)."""
     min_frequency: int = Field(default=2, ge=1)

@@ -51,6 +51,8 @@ from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
 
 STATE_FORMAT = 1
+IGNORE_INDEX = -100
+"""A target the loss skips (F.cross_entropy's default ignore_index): untrained chat tokens."""
 WORKER_WAIT_TIMEOUT_S = 120.0
 
 
@@ -65,6 +67,8 @@ class Stream:
     name: str
     shard_paths: tuple[str, ...]
     shard_blocks: tuple[int, ...]
+    mask_paths: tuple[str, ...] = ()
+    """Chat data: per shard, the file of its trained flags (data/chat.py); () for text."""
 
     @property
     def num_blocks(self) -> int:
@@ -98,8 +102,15 @@ def injected_stream(dataset: DatasetVersion, name: str, other: DatasetVersion,
 def shard_stream(name: str, dataset: DatasetVersion, shards: list[dict],
                  block_len: int) -> Stream:
     """A stream over manifest shard entries: a shard of n tokens holds (n - 1) // L blocks."""
+    chat = dataset.chat
+    if chat is not None and chat["row_tokens"] != block_len:
+        raise HeloxError(f"dataset {dataset.version} packs conversations into rows of "
+                         f"{chat['row_tokens']} tokens; this run's train.seq_len is {block_len}",
+                         hint=f"set train.seq_len to {chat['row_tokens']}, or prepare the "
+                              "dataset again with this train.seq_len")
+    masks = tuple(str(dataset.path / s["mask"]["file"]) for s in shards if "mask" in s)
     return Stream(name, tuple(str(dataset.path / s["file"]) for s in shards),
-                  tuple(max(0, (s["num_tokens"] - 1) // block_len) for s in shards))
+                  tuple(max(0, (s["num_tokens"] - 1) // block_len) for s in shards), masks)
 
 
 class BlockReader:
@@ -109,26 +120,33 @@ class BlockReader:
     def __init__(self, streams: list[Stream], block_len: int, dtype: np.dtype):
         self.streams, self.block_len, self.dtype = streams, block_len, np.dtype(dtype)
         self._first_block = [np.concatenate([[0], np.cumsum(s.shard_blocks)]) for s in streams]
-        self._maps: dict[tuple[int, int], np.memmap] = {}
+        self._maps: dict[tuple[int, int, bool], np.memmap] = {}
+        self.masked = any(s.mask_paths for s in streams)
 
-    def block(self, stream: int, index: int) -> np.ndarray:
-        """Block `index` of `stream`: L + 1 tokens."""
+    def block(self, stream: int, index: int, mask: bool = False) -> np.ndarray:
+        """Block `index` of `stream`: L + 1 tokens (or, with `mask`, their trained flags)."""
         shard = int(np.searchsorted(self._first_block[stream], index, side="right")) - 1
         start = (index - int(self._first_block[stream][shard])) * self.block_len
-        return self._map(stream, shard)[start: start + self.block_len + 1]
+        return self._map(stream, shard, mask)[start: start + self.block_len + 1]
 
-    def blocks(self, picks: list[tuple[int, int]]) -> np.ndarray:
-        """(stream, block) pairs → int64 array (len(picks), L + 1)."""
+    def blocks(self, picks: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(stream, block) pairs → int64 tokens (len(picks), L + 1) and, when any stream is
+        chat data, bool trained flags of the same shape (all set for a text stream)."""
         out = np.empty((len(picks), self.block_len + 1), dtype=np.int64)
+        trained = np.ones(out.shape, dtype=bool) if self.masked else None
         for row, (stream, index) in enumerate(picks):
             out[row] = self.block(stream, index)
-        return out
+            if trained is not None and self.streams[stream].mask_paths:
+                trained[row] = self.block(stream, index, mask=True)
+        return out, trained
 
-    def _map(self, stream: int, shard: int) -> np.memmap:
-        key = (stream, shard)
+    def _map(self, stream: int, shard: int, mask: bool) -> np.memmap:
+        key = (stream, shard, mask)
         if key not in self._maps:
-            self._maps[key] = np.memmap(self.streams[stream].shard_paths[shard],
-                                        dtype=self.dtype, mode="r")
+            source = self.streams[stream]
+            self._maps[key] = np.memmap(
+                source.mask_paths[shard] if mask else source.shard_paths[shard],
+                dtype=np.uint8 if mask else self.dtype, mode="r")
         return self._maps[key]
 
 
@@ -192,13 +210,18 @@ def split_rows(data: MicroBatch, rows: int) -> list[MicroBatch]:
             for i in range(0, data.inputs.shape[0], rows)]
 
 
-def pack(rows_NL1: np.ndarray, seq_len: int, eos_id: int, document_masking: bool) -> torch.Tensor:
+def pack(rows_NL1: np.ndarray, seq_len: int, eos_id: int, document_masking: bool,
+         trained_NL1: np.ndarray | None = None) -> torch.Tensor:
     """Cut blocks of L + 1 tokens into sequences of `seq_len` and their next-token targets;
-    returns the (2 or 4, N, T) stack of StepBatch.tokens_KNT."""
+    a target whose token is not trained (chat data) is IGNORE_INDEX. Returns the (2 or 4, N, T)
+    stack of StepBatch.tokens_KNT."""
     num_rows = rows_NL1.shape[0] * ((rows_NL1.shape[1] - 1) // seq_len)
     out_KNT = np.empty((4 if document_masking else 2, num_rows, seq_len), dtype=np.int64)
     out_KNT[0] = rows_NL1[:, :-1].reshape(num_rows, seq_len)
-    out_KNT[1] = rows_NL1[:, 1:].reshape(num_rows, seq_len)
+    targets_NL = rows_NL1[:, 1:]
+    if trained_NL1 is not None:
+        targets_NL = np.where(trained_NL1[:, 1:], targets_NL, IGNORE_INDEX)
+    out_KNT[1] = targets_NL.reshape(num_rows, seq_len)
     if document_masking:
         out_KNT[2], out_KNT[3] = document_positions(out_KNT[0], eos_id)
     return torch.from_numpy(out_KNT)
@@ -443,7 +466,8 @@ class PackedSequences(IterableDataset):
     def _materialise(self, reader: BlockReader, plan: StepPlan, state: dict) -> StepBatch:
         spec = self.spec
         mine = plan.picks[rank_slice(len(plan.picks), spec.rank, spec.world_size)]
-        tokens_KNT = pack(reader.blocks(mine), plan.seq_len, spec.eos_id, spec.document_masking)
+        rows, trained = reader.blocks(mine)
+        tokens_KNT = pack(rows, plan.seq_len, spec.eos_id, spec.document_masking, trained)
         pieces = spec.block_len // plan.seq_len
         domains = tuple(stream for stream, _ in mine for _ in range(pieces))
         return StepBatch(plan.step, plan.seq_len, tokens_KNT, domains, state)
@@ -490,6 +514,8 @@ class TrainLoader:
         streams += [injected_stream(dataset, name, other, options.block_len)
                     for name, other in self.injected.items()]
         self.domains = [s.name for s in streams]
+        self.masked = any(s.mask_paths for s in streams)
+        """Some targets are IGNORE_INDEX (chat data): the trainer counts trained targets."""
         _check_shape(options, world_size)
         self.spec = LoaderSpec(tuple(streams), options.block_len, dataset.dtype.str,
                                dataset.eos_id, options.seed, dataset.version, options.shuffle,
@@ -703,7 +729,7 @@ def fixed_sequences(dataset: DatasetVersion, split: str, block_len: int, per_dom
     for index, stream in enumerate(streams):
         count = min(per_domain, stream.num_blocks)
         if count:
-            rows = reader.blocks([(index, b) for b in range(count)])
+            rows, trained = reader.blocks([(index, b) for b in range(count)])
             out[stream.name] = MicroBatch.from_stacked(
-                pack(rows, block_len, dataset.eos_id, document_masking))
+                pack(rows, block_len, dataset.eos_id, document_masking, trained))
     return out

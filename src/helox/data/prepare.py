@@ -26,7 +26,10 @@ from typing import Any, Callable, Iterator, Protocol
 
 from tokenizers import Tokenizer
 
+from helox.chat.templates import TEMPLATE_FILE
 from helox.data import access, versions
+from helox.data.chat import (CONVERSATION_KEY, ChatEncoder, PackStats, chat_pipeline,
+                             pack_conversations, pack_pairs, resolve_template)
 from helox.data.config import DataConfig, TokenizerConfig
 from helox.data.pipeline import StepStats, batched, reporting, run_pipeline
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, version_id
@@ -194,11 +197,16 @@ def _clean_split(config: PrepareConfig, split: str, sources: list[SourceConfig],
     docs = itertools.chain.from_iterable(read_documents(s, read_stats) for s in sources)
     steps = [s for s in config.data.pipeline
              if split == "train" or not getattr(s, "train_only", False)]
+    if config.data.is_chat:
+        steps = chat_pipeline(steps)
     stream, step_stats = run_pipeline(docs, steps, config.data.num_workers,
                                       lambda done: progress(f"cleaning {split}", done))
     with out_path.open("w") as out:
         for doc in stream:
-            out.write(json.dumps({"id": doc.id, "text": doc.text, "domain": doc.domain}) + "\n")
+            record = {"id": doc.id, "text": doc.text, "domain": doc.domain}
+            if CONVERSATION_KEY in doc.metadata:
+                record[CONVERSATION_KEY] = doc.metadata[CONVERSATION_KEY]
+            out.write(json.dumps(record) + "\n")
     for stats in (read_stats, *step_stats):
         for removal in stats.removals:
             removed.write(json.dumps({"split": split, **dataclasses.asdict(removal)}) + "\n")
@@ -271,20 +279,60 @@ def _write_shards(config: PrepareConfig, tokenizer: Tokenizer, cleaned: dict[str
                   tmp_dir: Path, progress: Progress) -> dict:
     eos = eos_id(tokenizer, config.tokenizer.eos_token, config.tokenizer.path or "trained BPE")
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    splits, writers = {}, {}
+    chat = config.data.chat if config.data.is_chat else None
+    splits, writers, chat_info = {}, {}, None
+    if chat is not None:
+        template = resolve_template(chat, config.tokenizer.path, config.tokenizer.eos_token)
+        template.save(tmp_dir / TEMPLATE_FILE)
+        encoder = ChatEncoder(template, tokenizer, chat.train_on, eos, config.tokenizer.eos_token)
+        chat_info = {"kind": config.data.chat_kind, "template": template.name,
+                     "template_file": TEMPLATE_FILE,
+                     "template_sha256": sha256_file(tmp_dir / TEMPLATE_FILE),
+                     "train_on": chat.train_on, "row_tokens": chat.row_tokens, "splits": {}}
     for split, path in cleaned.items():
-        writer = ShardWriter(tmp_dir, split, vocab_size, config.data.shard_size_tokens)
-        for done, batch in enumerate(batched(_cleaned_documents(path), ENCODE_BATCH_DOCUMENTS)):
-            for doc, encoding in zip(batch, tokenizer.encode_batch(
-                    [d["text"] for d in batch], add_special_tokens=False)):
-                writer.add(encoding.ids + [eos], doc["domain"])
-            progress(f"tokenizing {split}", (done + 1) * ENCODE_BATCH_DOCUMENTS)
+        writer = ShardWriter(tmp_dir, split, vocab_size, config.data.shard_size_tokens,
+                             masked=chat is not None, tail_token=eos if chat else None)
+        if chat is None:
+            _add_documents(writer, tokenizer, path, eos, split, progress)
+        else:
+            chat_info["splits"][split] = _add_conversations(
+                writer, encoder, path, chat.row_tokens, split, progress,
+                pairs=config.data.chat_kind == "preference")
         writer.flush()
         splits[split], writers[split] = writer.summary(), writer
     tokenizer_info = {"sha256": sha256_file(tmp_dir / "tokenizer.json"), "vocab_size": vocab_size,
                       "eos_token": config.tokenizer.eos_token, "eos_id": eos}
     return build_manifest(tokenizer_info, writers["train"].dtype, splits,
-                          writers["train"].token_counts)
+                          writers["train"].token_counts, chat_info)
+
+
+def _add_documents(writer: ShardWriter, tokenizer: Tokenizer, path: Path, eos: int, split: str,
+                   progress: Progress) -> None:
+    for done, batch in enumerate(batched(_cleaned_documents(path), ENCODE_BATCH_DOCUMENTS)):
+        for doc, encoding in zip(batch, tokenizer.encode_batch(
+                [d["text"] for d in batch], add_special_tokens=False)):
+            writer.add(encoding.ids + [eos], doc["domain"])
+        progress(f"tokenizing {split}", (done + 1) * ENCODE_BATCH_DOCUMENTS)
+
+
+def _add_conversations(writer: ShardWriter, encoder: ChatEncoder, path: Path, row_tokens: int,
+                       split: str, progress: Progress, pairs: bool = False) -> dict:
+    """Render, mask and pack the conversations of each domain into rows, or with `pairs`
+    each preference pair into a row of its own (data/chat.py)."""
+    by_domain: dict[str, list[dict]] = {}
+    for doc in _cleaned_documents(path):
+        by_domain.setdefault(doc["domain"], []).append(doc)
+    report = {}
+    for domain, docs in sorted(by_domain.items()):
+        stats = PackStats()
+        encode, pack = (encoder.encode_pair, pack_pairs) if pairs else \
+            (encoder.encode, pack_conversations)
+        encoded = ((doc["id"], *encode(doc)) for doc in reporting(
+            docs, lambda done: progress(f"rendering {split}", done)))
+        for ids, trained, count in pack(encoded, row_tokens, encoder.eos_id, stats):
+            writer.add(ids, domain, trained, documents=count)
+        report[domain] = stats.summary()
+    return report
 
 
 def _publish(tmp_dir: Path, root: Path, version: str) -> DatasetVersion:
@@ -309,6 +357,12 @@ def _input_files(config: PrepareConfig, sources: dict[str, list[SourceConfig]]) 
     files = [f for split in SPLITS for s in sources[split] for f in source_files(s)]
     if config.tokenizer.path is not None:
         files.append(config.tokenizer.path)
+        beside = config.tokenizer.path.parent / TEMPLATE_FILE
+        if config.data.is_chat and beside.is_file():
+            files.append(beside)
+    chat = config.data.chat
+    if config.data.is_chat and chat is not None and chat.template.endswith(".json"):
+        files.append(Path(chat.template))
     for step in config.data.pipeline:
         files.extend(f for p in _paths_in(step.model_dump()) for f in _files_of(p))
     return files
@@ -330,9 +384,11 @@ def _files_of(path: Path) -> list[Path]:
 
 
 def _data_code_sha256() -> str:
-    """A change to the data code (a filter fixed, say) must not reuse an old cached build."""
+    """A change to the data code (a filter fixed, say), or to the chat rendering and masking
+    that chat datasets go through, must not reuse an old cached build."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    package = Path(__file__).parent
+    for path in [*sorted(package.glob("*.py")), *sorted((package.parent / "chat").glob("*.py"))]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
 

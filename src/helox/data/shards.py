@@ -5,7 +5,9 @@ A dataset version is a folder `<workspace>/datasets/<version>/` holding
   <split>-<domain>-<5 digits>.bin little-endian token ids (uint16; uint32 for big vocabularies),
                                   every document followed by the end-of-document token; a shard
                                   holds the documents of one domain
-  manifest.json                   per shard: file, sha256, domain, tokens, documents
+  <split>-<domain>-<5 digits>.mask chat datasets: per token, 1 if the loss is taken on it
+  chat_template.json              chat datasets: the template the conversations were rendered in
+  manifest.json                   per shard: file, sha256, domain, tokens, documents (and mask)
   lineage.json                    how it was built (sources and their hashes, config); not hashed
 The version id is the sha256 of the canonical manifest JSON (first 16 hex digits): the same
 tokens and tokenizer always give the same id, and any change gives another one.
@@ -26,6 +28,8 @@ from helox.errors import HeloxError
 from helox.fileio import sha256_file, sha256_json
 
 MANIFEST_FORMAT = 2  # 2: one series of shards per domain
+MASK_SUFFIX = ".mask"
+"""Beside a shard of a chat dataset: one uint8 per token, 1 where it is trained as a target."""
 VERSION_ID_HEX_DIGITS = 16
 
 
@@ -40,14 +44,20 @@ class ShardWriter:
     of shards per domain so that the loader can draw each domain at its own rate.
 
     A document never straddles two shards; a shard is closed once it holds `shard_size_tokens`.
+    With `masked`, every addition comes with its per-token trained flags, written to a mask
+    file beside the shard; a `tail_token` ends every shard (chat rows: see data/chat.py).
     """
 
     out_dir: Path
     split: str
     vocab_size: int
     shard_size_tokens: int
+    masked: bool = False
+    tail_token: int | None = None
     shards: list[dict] = field(default_factory=list)
     _pending: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _pending_masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _pending_documents: Counter = field(default_factory=Counter)
     _pending_tokens: Counter = field(default_factory=Counter)
     _shards_per_domain: Counter = field(default_factory=Counter)
 
@@ -55,10 +65,18 @@ class ShardWriter:
         self.dtype = token_dtype(self.vocab_size)
         self.token_counts = np.zeros(self.vocab_size, dtype=np.int64)
 
-    def add(self, token_ids: list[int], domain: str) -> None:
+    def add(self, token_ids: list[int] | np.ndarray, domain: str,
+            trained: np.ndarray | None = None, documents: int = 1) -> None:
+        """Append tokens (`documents` documents of them) to the domain's open shard."""
+        if (trained is not None) != self.masked:
+            raise ValueError("a masked writer takes trained flags with every addition, "
+                             "an unmasked one none")
         array = np.asarray(token_ids, dtype=self.dtype)
         self._pending.setdefault(domain, []).append(array)
+        if trained is not None:
+            self._pending_masks.setdefault(domain, []).append(np.asarray(trained, np.uint8))
         self._pending_tokens[domain] += len(array)
+        self._pending_documents[domain] += documents
         if self._pending_tokens[domain] >= self.shard_size_tokens:
             self._flush_domain(domain)
 
@@ -68,15 +86,26 @@ class ShardWriter:
         self.shards.sort(key=lambda shard: shard["file"])
 
     def _flush_domain(self, domain: str) -> None:
-        documents = self._pending.pop(domain, [])
-        if not documents:
+        pieces = self._pending.pop(domain, [])
+        if not pieces:
             return
-        tokens = np.concatenate(documents)
+        masks = self._pending_masks.pop(domain, [])
+        if self.tail_token is not None:
+            pieces.append(np.asarray([self.tail_token], dtype=self.dtype))
+            masks.append(np.zeros(1, np.uint8))
+        tokens = np.concatenate(pieces)
         path = self.out_dir / f"{self.split}-{domain}-{self._shards_per_domain[domain]:05d}.bin"
         tokens.tofile(path)
         self.token_counts += np.bincount(tokens, minlength=len(self.token_counts))
-        self.shards.append({"file": path.name, "sha256": sha256_file(path), "domain": domain,
-                            "num_tokens": int(len(tokens)), "num_documents": len(documents)})
+        entry = {"file": path.name, "sha256": sha256_file(path), "domain": domain,
+                 "num_tokens": int(len(tokens)),
+                 "num_documents": int(self._pending_documents.pop(domain))}
+        if self.masked:
+            mask = path.with_suffix(MASK_SUFFIX)
+            np.concatenate(masks).tofile(mask)
+            entry["mask"] = {"file": mask.name, "sha256": sha256_file(mask),
+                             "trained_tokens": int(sum(m.sum() for m in masks))}
+        self.shards.append(entry)
         self._shards_per_domain[domain] += 1
         self._pending_tokens[domain] = 0
 
@@ -152,6 +181,11 @@ class DatasetVersion:
     def tokenizer_path(self) -> Path:
         return self.path / "tokenizer.json"
 
+    @property
+    def chat(self) -> dict | None:
+        """A chat dataset's template, what it trains on and its row length; None for text."""
+        return self.manifest.get("chat")
+
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
@@ -189,11 +223,18 @@ class DatasetVersion:
         bad = []
         if sha256_file(self.tokenizer_path) != self.manifest["tokenizer"]["sha256"]:
             bad.append(self.tokenizer_path.name)
+        chat = self.chat
+        if chat is not None:
+            template = self.path / chat["template_file"]
+            if not template.is_file() or sha256_file(template) != chat["template_sha256"]:
+                bad.append(chat["template_file"])
         for split in self.splits():
             for shard in self.split(split)["shards"]:
-                path = self.path / shard["file"]
-                if not path.is_file() or sha256_file(path) != shard["sha256"]:
-                    bad.append(shard["file"])
+                for entry in (shard, shard.get("mask")):
+                    path = None if entry is None else self.path / entry["file"]
+                    if path is not None and (not path.is_file()
+                                             or sha256_file(path) != entry["sha256"]):
+                        bad.append(entry["file"])
         return bad
 
 
@@ -202,8 +243,8 @@ def _read_json_or_empty(path: Path) -> dict:
 
 
 def build_manifest(tokenizer_info: dict, dtype: np.dtype, splits: dict[str, dict],
-                   train_token_counts: np.ndarray) -> dict:
-    return {
+                   train_token_counts: np.ndarray, chat: dict | None = None) -> dict:
+    return {**({"chat": chat} if chat is not None else {}),
         "format": MANIFEST_FORMAT,
         "dtype": dtype.str,
         "tokenizer": tokenizer_info,

@@ -18,6 +18,7 @@ from typing import IO, Iterator, Literal
 from pydantic import Field, field_validator
 
 from helox.configbase import StrictModel, resolve_input_path
+from helox.data.chat import chat_document, parse_chat_record, parse_preference_record
 from helox.data.document import Document
 from helox.data.pipeline import Removal, StepStats
 
@@ -31,8 +32,11 @@ class SourceConfig(StrictModel):
     """A file, or a folder whose files (matching `pattern`) are read in sorted order."""
     pattern: str = "**/*"
     """Glob of the files to read when `path` is a folder."""
-    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
-    """File format; `auto` decides from each file name (.jsonl/.ndjson, .parquet, else text)."""
+    format: Literal["auto", "txt", "jsonl", "parquet", "chat", "preference"] = "auto"
+    """File format; `auto` decides from each file name (.jsonl/.ndjson, .parquet, else text).
+    `chat`: JSONL conversations or prompt/completion records; `preference`: JSONL preference
+    pairs for DPO (see data/chat.py). A dataset's sources are all of one of these kinds, or
+    all text."""
     txt_split: Literal["file", "blank_lines"] = "file"
     """Text files: one document per file, or one per block separated by blank lines."""
     domain: str | None = None
@@ -228,6 +232,39 @@ def _read_jsonl(source: SourceConfig, path: Path, stats: StepStats) -> Iterator[
         _problem(stats, str(path), path, "empty_file")
 
 
+def _read_chat(source: SourceConfig, path: Path, stats: StepStats) -> Iterator[Document]:
+    """Conversations (or prompt/completion pairs, or with `format: preference` preference
+    pairs), one per line; a document's id is `file:line`."""
+    parse = parse_preference_record if source.format == "preference" else parse_chat_record
+    with open_binary(path) as f:
+        empty = True
+        for line_no, raw in enumerate(_lines(f, source.max_document_bytes), start=1):
+            empty = False
+            where = f"{path}:{line_no}"
+            if raw is None:
+                _problem(stats, where, path, "too_large",
+                         f"line longer than {source.max_document_bytes} bytes")
+                continue
+            if not raw.strip():
+                continue
+            line = _decode(raw, stats, where, path)
+            if line is None:
+                continue
+            try:
+                conversation = parse(json.loads(line))
+            except json.JSONDecodeError as exc:
+                _problem(stats, where, path, "malformed_json", f"{exc.msg} at column {exc.colno}")
+                continue
+            except ValueError as exc:
+                _problem(stats, where, path, "not_a_conversation", str(exc))
+                continue
+            stats.docs_in += 1
+            yield chat_document(conversation, f"{path.name}:{line_no}",
+                                source.domain or DEFAULT_DOMAIN, str(path))
+    if empty:
+        _problem(stats, str(path), path, "empty_file")
+
+
 def _lines(f: IO[bytes], max_bytes: int) -> Iterator[bytes | None]:
     """Lines of a binary file; an over-long line is consumed in chunks and yielded as None."""
     while True:
@@ -301,4 +338,5 @@ def _parquet_batches(parquet, columns: list[str], path: Path, stats: StepStats):
         _problem(stats, str(path), path, "unreadable_file", f"{type(exc).__name__}: {exc}")
 
 
-_READERS = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet}
+_READERS = {"txt": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet,
+            "chat": _read_chat, "preference": _read_chat}

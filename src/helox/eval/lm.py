@@ -26,6 +26,8 @@ from tokenizers import Tokenizer
 from helox.checkpoint import load_trained_model, resolve_checkpoint
 from helox.errors import HeloxError
 from helox.fileio import sha256_file
+from helox.model.generate import generate
+from helox.model.llama import Llama
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(tokens_BT, position_ids_BT, real_BT: bool) -> logits_BTV: padding positions (real False)
@@ -47,11 +49,13 @@ class LanguageModel:
 
     def __init__(self, forward: Forward, tokenizer, eos_id: int, max_seq_len: int,
                  vocab_size: int, version: str, source: str, device: torch.device,
-                 batch_size: int = 8):
+                 batch_size: int = 8, model: Llama | None = None):
+        """`model`: a Helox model behind `forward`; greedy decoding then runs on its KV
+        cache (one forward per new token) instead of re-reading the context."""
         self.forward, self.tokenizer = forward, tokenizer
         self.eos_id, self.max_seq_len, self.vocab_size = eos_id, max_seq_len, vocab_size
         self.version, self.source, self.device = version, source, device
-        self.batch_size = batch_size
+        self.batch_size, self.model = batch_size, model
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -129,6 +133,11 @@ class LanguageModel:
 
     def _greedy_batch(self, prompts: Sequence[list[int]], max_new_tokens: int,
                       stop: Sequence[str]) -> list[str]:
+        if self.model is not None:
+            return [_cut_at_stop(self._text(generate(
+                self.model, list(p), max_new_tokens, 0.0, None, self.eos_id,
+                should_stop=lambda new: any(s in self._text(new) for s in stop))), stop)
+                for p in prompts]
         rows = [list(p) for p in prompts]
         new: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
@@ -142,10 +151,14 @@ class LanguageModel:
                     continue
                 rows[b].append(token)
                 new[b].append(token)
-                done[b] = any(s in self.decode(new[b]) for s in stop)
+                done[b] = any(s in self._text(new[b]) for s in stop)
             if all(done):
                 break
-        return [_cut_at_stop(self.decode(ids), stop) for ids in new]
+        return [_cut_at_stop(self._text(ids), stop) for ids in new]
+
+    def _text(self, ids: Sequence[int]) -> str:
+        """Generated text with its special tokens (a turn's end token is a stop string)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     # -- batching ----------------------------------------------------------------------------
 
@@ -218,7 +231,7 @@ def load_language_model(path: Path, ema: bool = False, device: str = "cpu",
     version = f"{checkpoint.name}{'-ema' if ema else ''}-{trained.weights_digest()}"
     return LanguageModel(helox_forward(model), trained.tokenizer, trained.eos_id,
                          model.cfg.max_seq_len, model.cfg.vocab_size, version, str(checkpoint),
-                         torch.device(device), batch_size)
+                         torch.device(device), batch_size, model)
 
 
 def _load_hf(path: Path, device: str, batch_size: int) -> LanguageModel:

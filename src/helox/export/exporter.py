@@ -14,8 +14,11 @@ from helox.export.manifest import signing_key, write_manifest
 from helox.export.onnx import OPSET, build_tensorrt_engine, require_tensorrt, write_onnx
 from helox.export.provenance import training_metadata
 from helox.export.source import ExportSource, load_export_source
+from helox.finetune.lora import BASE_FINGERPRINT_KEY, save_adapter_tensors
 
-EXPORT_FORMATS = ("hf", "onnx", "gguf", "tensorrt")
+EXPORT_FORMATS = ("hf", "onnx", "gguf", "tensorrt", "peft")
+"""A LoRA run's hf, onnx, gguf and tensorrt exports hold the merged model; `peft` is its
+adapter alone, in PEFT's format, naming its base."""
 
 
 @dataclass
@@ -37,7 +40,7 @@ def default_out(source: ExportSource, fmt: str, gguf_type: str) -> Path:
     """exports_folder/{hf/, model.onnx, model.engine, model-<type>.gguf}."""
     folder = exports_folder(source.checkpoint, source.ema)
     return folder / {"hf": "hf", "onnx": "model.onnx", "tensorrt": "model.engine",
-                     "gguf": f"model-{gguf_type.lower()}.gguf"}[fmt]
+                     "gguf": f"model-{gguf_type.lower()}.gguf", "peft": "peft"}[fmt]
 
 
 def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str = "F16",
@@ -57,12 +60,29 @@ def export_model(model: Path, fmt: str, out: Path | None = None, gguf_type: str 
     source = source or load_export_source(model, ema=ema, warn=announce)
     out = Path(out) if out is not None else default_out(source, fmt, gguf_type)
     metadata = training_metadata(source)
+    if source.adapter is not None:  # what the adapter needs under it (the peft export's key)
+        metadata[BASE_FINGERPRINT_KEY] = source.adapter.base_fingerprint
     announce(f"exporting {source.checkpoint} to {fmt}"
              + (f" ({gguf_type})" if fmt == "gguf" else "") + f": {out}")
     artifact, details = write_artifact(source, fmt, out, gguf_type, metadata, overwrite,
                                        announce)
     manifest = write_manifest(artifact, fmt, metadata, private_key, details)
     return Exported(fmt, artifact, manifest, metadata, time.perf_counter() - started, details)
+
+
+def write_peft(source: ExportSource, out: Path, metadata: dict[str, str]) -> tuple[Path, dict]:
+    """The trained adapter as PEFT saves one; `base_model_name_or_path` names the base's
+    checkpoint and the weights' metadata its fingerprint (Helox refuses the adapter on
+    another base). Stacked adapters stay in their own folders (listed in the details)."""
+    adapter = source.adapter
+    if adapter is None:
+        raise HeloxError(f"{source.checkpoint} is not a LoRA run's checkpoint: it has no "
+                         "adapter to export", hint="export it as hf, onnx or gguf")
+    save_adapter_tensors(adapter.state, out, adapter.config, str(adapter.base_checkpoint),
+                         metadata)
+    return out, {"base_checkpoint": str(adapter.base_checkpoint),
+                 "base_fingerprint": adapter.base_fingerprint,
+                 "stacked_on": [str(path) for path in adapter.config.stack]}
 
 
 def check_gguf_type(gguf_type: str) -> None:
@@ -83,6 +103,8 @@ def write_artifact(source: ExportSource, fmt: str, out: Path, gguf_type: str,
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         return write_hf(source, out, metadata, overwrite=overwrite), {}
+    if fmt == "peft":
+        return write_peft(source, out, metadata)
     if fmt == "onnx":
         return write_onnx(source, out, metadata, log=announce), {"opset": OPSET}
     if fmt == "tensorrt":

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from helox.errors import HeloxError
-from helox.export.provenance import METADATA_PREFIX, StoredTensor
-from helox.export.source import ExportSource, canonical_state
+from helox.export.provenance import METADATA_PREFIX
+from helox.checkpoint.fingerprint import StoredTensor, canonical_state
+from helox.export.source import ExportSource
 from helox.model.hf import to_hf_state_dict
 
 try:

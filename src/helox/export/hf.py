@@ -14,7 +14,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from helox.errors import HeloxError
-from helox.export.source import ExportSource, canonical_state
+from helox.checkpoint.fingerprint import canonical_state
+from helox.export.source import ExportSource
 from helox.model.hf import to_hf_config, to_hf_state_dict
 
 HF_WEIGHTS = "model.safetensors"

@@ -13,7 +13,7 @@ from helox.checkpoint import TOKENIZER_FILE, checkpoint_dir, snapshot, write_sna
 from helox.config import RunConfig
 from helox.errors import HeloxError
 from helox.export.hf import publish, require_transformers, staging_folder
-from helox.export.provenance import model_fingerprint
+from helox.checkpoint.fingerprint import model_fingerprint
 from helox.fileio import sha256_files, sha256_json
 from helox.model.hf import from_hf_config, from_hf_state_dict
 from helox.model.llama import Llama

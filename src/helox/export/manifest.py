@@ -23,9 +23,9 @@ from typing import Callable
 
 from helox.errors import HeloxError
 from helox.export.onnx import onnx_metadata, onnx_stored_tensors
-from helox.export.provenance import (METADATA_PREFIX, StoredTensor, model_fingerprint_of_hf,
-                                     safetensors_metadata, safetensors_stored_tensors,
-                                     weights_fingerprint)
+from helox.checkpoint.fingerprint import StoredTensor, weights_fingerprint
+from helox.export.provenance import (METADATA_PREFIX, model_fingerprint_of_hf,
+                                     safetensors_metadata, safetensors_stored_tensors)
 from helox.fileio import sha256_file, write_private
 
 FOLDER_MANIFEST = "helox-manifest.json"
@@ -72,6 +72,8 @@ FORMATS = {
                          safetensors_stored_tensors, safetensors_metadata),
     "gguf": ArtifactFormat("gguf", lambda file: file, _gguf_tensors, _gguf_metadata),
     "onnx": ArtifactFormat("onnx", lambda file: file, _onnx_tensors, _onnx_metadata),
+    "peft": ArtifactFormat("peft", lambda folder: folder / "adapter_model.safetensors",
+                           safetensors_stored_tensors, safetensors_metadata),
     # An engine is opaque (its weights are fused into kernels): the manifest covers its bytes.
     "tensorrt": ArtifactFormat("tensorrt", lambda file: file, None, None),
 }

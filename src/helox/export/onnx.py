@@ -40,7 +40,8 @@ from torch import nn
 
 from helox import version
 from helox.errors import HeloxError
-from helox.export.provenance import METADATA_PREFIX, StoredTensor, numpy_stored
+from helox.checkpoint.fingerprint import StoredTensor
+from helox.export.provenance import METADATA_PREFIX, numpy_stored
 from helox.export.source import ExportSource
 from helox.model.llama import Llama
 

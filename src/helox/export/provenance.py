@@ -3,64 +3,20 @@ metadata embedded in every artifact."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from helox.checkpoint import load_trained_model, resolve_checkpoint
-from helox.export.source import ExportSource, canonical_state
+from helox.checkpoint.fingerprint import (StoredTensor, model_fingerprint, torch_stored,
+                                         weights_fingerprint)
+from helox.export.source import ExportSource
 from helox.model.hf import hf_to_helox_name
 
 METADATA_PREFIX = "helox."
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor as an artifact stores it: `dtype` in the format's own words (F32, Q8_0,
-    ...), `shape` in the format's order, `data` the exact stored bytes."""
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    data: bytes | memoryview
-
-
-def weights_fingerprint(tensors: Iterable[StoredTensor]) -> str:
-    """sha256 over the tensors sorted by name, each a JSON header (name, dtype, shape, byte
-    count) and a newline followed by its bytes: any changed byte, shape, type or name, and
-    any tensor added or dropped, changes it."""
-    digest = hashlib.sha256()
-    for tensor in sorted(tensors, key=lambda t: t.name):
-        data = memoryview(tensor.data).cast("B")
-        header = {"name": tensor.name, "dtype": tensor.dtype, "shape": list(tensor.shape),
-                  "nbytes": data.nbytes}
-        digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
-        digest.update(b"\n")
-        digest.update(data)
-    return digest.hexdigest()
-
-
-def torch_stored(name: str, tensor: torch.Tensor) -> StoredTensor:
-    """A torch tensor as little-endian bytes in its own dtype (F32, F16, BF16, ...)."""
-    array = tensor.detach().cpu().contiguous()
-    dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32"}[array.dtype]
-    raw = array.view(torch.uint8) if array.dtype == torch.bfloat16 else array
-    assert sys.byteorder == "little", "fingerprints are defined over little-endian bytes"
-    return StoredTensor(name, dtype, tuple(array.shape), raw.numpy().tobytes())
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """The fingerprint of a model's weights in fp32 under Helox's names (a tied head once):
-    the identity of a trained model, whatever format it is later stored in."""
-    return weights_fingerprint(torch_stored(name, tensor)
-                               for name, tensor in canonical_state(model).items())
 
 
 def training_metadata(source: ExportSource) -> dict[str, str]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
 from helox.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, load_trained_model,
                               resolve_checkpoint, step_of)
+from helox.checkpoint.trained import Adapter
 from helox.config import RunConfig, read_saved_config
 from helox.model.llama import Llama
 
@@ -27,6 +27,8 @@ class ExportSource:
     """The checkpoint's run.json: run fingerprint, dataset version, config hash, ..."""
     eos_id: int
     ema: bool
+    adapter: Adapter | None = None
+    """A LoRA run's adapter; `model` then has it (and any stacked one) merged in."""
 
     @property
     def eos_token(self) -> str:
@@ -51,18 +53,4 @@ def load_export_source(path: Path, ema: bool = False,
                         tokenizer_json=checkpoint / TOKENIZER_FILE,
                         config=read_saved_config(checkpoint / CONFIG_FILE),
                         checkpoint=checkpoint, run_info=trained.run_info,
-                        eos_id=trained.eos_id, ema=ema)
-
-
-def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights by Helox name, fp32 and contiguous, a tied head included once
-    (under `embed.weight`): the input of the model fingerprint."""
-    state = {}
-    seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen and tensor.shape == state[seen[key]].shape:
-            continue
-        seen[key] = name
-        state[name] = tensor.detach().to(torch.float32).contiguous()
-    return state
+                        eos_id=trained.eos_id, ema=ema, adapter=trained.adapter)

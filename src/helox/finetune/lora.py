@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from pydantic import Field
-from safetensors.torch import load_file, save_file
+from pydantic import Field, field_validator
+from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from helox.configbase import StrictModel
+from helox.configbase import StrictModel, resolve_input_path
 from helox.errors import HeloxError
 from helox.model.hf import helox_to_hf_name, hf_to_helox_name
 
@@ -35,6 +37,8 @@ PEFT_PREFIX = "base_model.model."
 """What PEFT puts before the transformers model's parameter names."""
 DEFAULT_ADAPTER = "default"
 """PEFT's name of an adapter loaded without one; its keys carry no name in the file."""
+BASE_FINGERPRINT_KEY = "helox.base_model_fingerprint"
+"""In an adapter file's safetensors metadata: the fingerprint of the base it was trained on."""
 
 
 class LoraConfig(StrictModel):
@@ -50,6 +54,31 @@ class LoraConfig(StrictModel):
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+
+class LoraTrainConfig(LoraConfig):
+    """The `lora` section of a recipe: train one adapter on the frozen base that
+    train.init_from names, optionally above frozen adapters and from an earlier version."""
+
+    name: str = Field(default=DEFAULT_ADAPTER, pattern=r"^[A-Za-z0-9_-]+$")
+    """The trained adapter's name (PEFT's adapter name)."""
+    stack: list[Path] = []
+    """Adapters (PEFT-format folders) loaded below the trained one, frozen but active: their
+    deltas add to the base's, in training and in the result."""
+    init_adapter: Path | None = None
+    """Start the trained adapter from this adapter (a PEFT-format folder with the same rank
+    and target modules), e.g. the previous version in a rolling update; None: fresh."""
+
+    _check_init = field_validator("init_adapter")(resolve_input_path)
+
+    @field_validator("stack")
+    @classmethod
+    def _check_stack(cls, value: list[Path], info) -> list[Path]:
+        return [resolve_input_path(path, info) for path in value]
+
+    def adapter_names(self) -> list[str]:
+        """Stacked adapters' names, then the trained one's: the order their deltas add in."""
+        return [*(f"stack{i}" for i in range(len(self.stack))), self.name]
 
 
 class LoraLinear(nn.Module):
@@ -85,6 +114,13 @@ class LoraLinear(nn.Module):
             delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
             y = y + delta * self.scaling[name]
         return y
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies: the base's plus every active adapter's delta."""
+        weight = self.base_layer.weight
+        for name in self.active:
+            weight = weight + self.delta_weight(name).to(weight.dtype)
+        return weight
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling · B A: what merging adapter `name` adds to the base weight."""
@@ -137,6 +173,30 @@ def _freeze_base(model: nn.Module) -> None:
         param.requires_grad_(".lora_A." in param_name or ".lora_B." in param_name)
 
 
+class AdapterWeights(nn.Module):
+    """Adapters `names` of a model as a module of their own, under the model's names
+    (`blocks.0.attn.q_proj.lora_A.default.weight`): the same parameter objects, so its
+    state_dict is what a LoRA run checkpoints (the adapters alone, a small file) and an
+    optimizer over its parameters trains the model's adapters."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        for path, layer in lora_layers(model).items():
+            mine = [name for name in names if name in layer.lora_A]
+            if not mine:
+                continue
+            leaf = self
+            for component in path.split("."):
+                if not hasattr(leaf, component):
+                    leaf.add_module(component, nn.Module())
+                leaf = getattr(leaf, component)
+            leaf.add_module("lora_A", nn.ModuleDict({n: layer.lora_A[n] for n in mine}))
+            leaf.add_module("lora_B", nn.ModuleDict({n: layer.lora_B[n] for n in mine}))
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("AdapterWeights only holds parameters; run the model instead")
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoraLinear)}
 
@@ -145,6 +205,20 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     """Which adapters add their deltas (several at once: they add, as PEFT's do)."""
     for layer in lora_layers(model).values():
         layer.active = [name for name in names if name in layer.lora_A]
+
+
+@contextmanager
+def only_active(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Run with only adapters `names` active (none: the base alone), then as before: a LoRA
+    run's DPO reference is its base, without a second copy of the model."""
+    layers = lora_layers(model)
+    saved = {path: list(layer.active) for path, layer in layers.items()}
+    set_active(model, names)
+    try:
+        yield
+    finally:
+        for path, layer in layers.items():
+            layer.active = saved[path]
 
 
 def set_trainable(model: nn.Module, names: list[str]) -> None:
@@ -175,17 +249,24 @@ def save_adapter(model: nn.Module, folder: Path, config: LoraConfig,
                  metadata: dict[str, str] | None = None) -> Path:
     """Adapter `name` as PEFT saves one: adapter_config.json and adapter_model.safetensors
     (keys `base_model.model.<transformers name>.lora_A.weight`); `metadata` goes into the
-    safetensors header (the base model's fingerprint, say)."""
+    safetensors header (the base model's fingerprint under BASE_FINGERPRINT_KEY, say)."""
+    return save_adapter_tensors(AdapterWeights(model, [name]).state_dict(), folder, config,
+                                base_model, metadata)
+
+
+def save_adapter_tensors(adapter_state: dict[str, torch.Tensor], folder: Path,
+                         config: LoraConfig, base_model: str | None = None,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """An `AdapterWeights` state dict of one adapter (what a LoRA run's checkpoint holds) in
+    PEFT's format."""
     tensors = {}
-    for path, layer in lora_layers(model).items():
-        if name not in layer.lora_A:
-            continue
+    for name, tensor in adapter_state.items():
+        path, matrix, _adapter, _ = name.rsplit(".", 3)
         key = PEFT_PREFIX + helox_to_hf_name(f"{path}.weight").removesuffix(".weight")
-        tensors[f"{key}.lora_A.weight"] = layer.lora_A[name].weight.detach().cpu().contiguous()
-        tensors[f"{key}.lora_B.weight"] = layer.lora_B[name].weight.detach().cpu().contiguous()
+        tensors[f"{key}.{matrix}.weight"] = tensor.detach().cpu().contiguous()
     if not tensors:
-        raise HeloxError(f"the model has no adapter named {name!r}",
-                         hint="apply one with apply_lora first")
+        raise HeloxError("there are no adapter weights to save",
+                         hint="apply an adapter with apply_lora first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt",
@@ -224,8 +305,28 @@ def read_adapter_config(folder: Path) -> LoraConfig:
                       target_modules=sorted(targets) if isinstance(targets, list) else [targets])
 
 
-def load_adapter(model: nn.Module, folder: Path, name: str = DEFAULT_ADAPTER) -> LoraConfig:
-    """A PEFT-format adapter folder into `model` as adapter `name` (added, then filled)."""
+def adapter_base_fingerprint(folder: Path) -> str | None:
+    """The base model fingerprint an adapter file records (Helox writes it), or None."""
+    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), "pt") as f:
+        return (f.metadata() or {}).get(BASE_FINGERPRINT_KEY)
+
+
+def check_base(folder: Path, base_fingerprint: str | None) -> None:
+    """Refuse an adapter trained on another base than this one, naming both fingerprints;
+    an adapter that records none (PEFT's own) is taken on trust."""
+    recorded = adapter_base_fingerprint(folder)
+    if recorded is not None and base_fingerprint is not None and recorded != base_fingerprint:
+        raise HeloxError(f"adapter {folder} was trained on the base model with fingerprint "
+                         f"{recorded}, not on this one ({base_fingerprint})",
+                         hint="load it on the base it was trained on, or train the adapter "
+                              "again on this base")
+
+
+def load_adapter(model: nn.Module, folder: Path, name: str = DEFAULT_ADAPTER,
+                 base_fingerprint: str | None = None) -> LoraConfig:
+    """A PEFT-format adapter folder into `model` as adapter `name` (added, then filled);
+    with `base_fingerprint`, one trained on another base is refused (`check_base`)."""
+    check_base(folder, base_fingerprint)
     config = read_adapter_config(folder)
     apply_lora(model, config, name)
     saved = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
@@ -252,3 +353,31 @@ def load_adapter(model: nn.Module, folder: Path, name: str = DEFAULT_ADAPTER) ->
         raise HeloxError(f"{folder} holds no weights for {', '.join(missing[:3])}",
                          hint="the adapter file is incomplete: save it again")
     return config
+
+
+def attach_adapters(model: nn.Module, config: LoraTrainConfig,
+                    base_fingerprint: str | None) -> AdapterWeights:
+    """A LoRA run's adapters on its base `model`: the stacked ones (frozen), then the trained
+    one (fresh, or from `config.init_adapter`), all active; returns the trained adapter's
+    weights as a module (what the run optimizes and checkpoints)."""
+    for folder, name in zip(config.stack, config.adapter_names()):
+        load_adapter(model, folder, name, base_fingerprint)
+    if config.init_adapter is not None:
+        previous = read_adapter_config(config.init_adapter)
+        if (previous.rank, sorted(previous.target_modules)) != (
+                config.rank, sorted(config.target_modules)):
+            raise HeloxError(f"lora.init_adapter {config.init_adapter} has rank "
+                             f"{previous.rank} on {sorted(previous.target_modules)}; this run "
+                             f"trains rank {config.rank} on {sorted(config.target_modules)}",
+                             hint="give lora.rank and lora.target_modules the adapter's values")
+        load_adapter(model, config.init_adapter, config.name, base_fingerprint)
+    else:
+        apply_lora(model, config, config.name)
+    set_active(model, config.adapter_names())
+    set_trainable(model, [config.name])
+    for layer in lora_layers(model).values():  # the run's dropout and scaling, not the file's
+        if config.name in layer.lora_A:
+            layer.scaling[config.name] = config.scaling
+            layer.lora_dropout[config.name] = nn.Dropout(config.dropout) if config.dropout \
+                else nn.Identity()
+    return AdapterWeights(model, [config.name])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from pydantic import Field
 
 from helox.configbase import StrictModel
-from helox.model.llama import Llama
+from helox.model.llama import KVCache, Llama
 
 
 class SampleConfig(StrictModel):
@@ -24,22 +26,34 @@ class SampleConfig(StrictModel):
 @torch.no_grad()
 def generate(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature: float,
              top_k: int | None, stop_id: int | None = None,
-             generator: torch.Generator | None = None) -> list[int]:
-    """Continue `prompt_ids`; returns only the new tokens (stopping early at `stop_id`).
+             generator: torch.Generator | None = None,
+             should_stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """Continue `prompt_ids`; returns only the new tokens (stopping early at `stop_id`, or
+    once `should_stop(new tokens)` says so).
 
-    Recomputes the whole (cropped) context per token: the models trained here are small enough
-    that a KV cache would not pay for its complexity yet.
-    """
+    The prompt is one forward into a KV cache, then each token one forward of one token. A
+    context longer than the model's max_seq_len keeps its last max_seq_len // 2 tokens and
+    refills the cache from them (positions are absolute, so a cache cannot slide)."""
     device = next(model.parameters()).device
-    tokens_1T = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    dtype = next(model.parameters()).dtype
+    limit = model.cfg.max_seq_len
+    context = list(prompt_ids)[-limit:]
+    cache = KVCache(model.cfg, 1, limit, device, dtype)
+    pending = context
     new_ids: list[int] = []
     for _ in range(max_new_tokens):
-        logits_V = model(tokens_1T[:, -model.cfg.max_seq_len:])[0, -1].float()
+        if cache.length + len(pending) > limit:
+            context = context[-(limit // 2):]
+            cache.length, pending = 0, context
+        logits_V = model(torch.tensor([pending], device=device), cache=cache)[0, -1].float()
         next_id = _pick(logits_V, temperature, top_k, generator)
         if next_id == stop_id:
             break
         new_ids.append(next_id)
-        tokens_1T = torch.cat([tokens_1T, tokens_1T.new_tensor([[next_id]])], dim=1)
+        context.append(next_id)
+        pending = [next_id]
+        if should_stop is not None and should_stop(new_ids):
+            break
     return new_ids
 
 

@@ -57,30 +57,47 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
-                mask_B1TT: torch.Tensor | None = None):
+                mask_B1TT: torch.Tensor | None = None, cache: LayerCache | None = None):
         """cos/sin are (T, E), or (B, 1, T, E) with per-sequence positions; mask_B1TT (True =
-        attend) replaces the causal mask when given."""
+        attend) replaces the causal mask when given. With a `cache`, x holds the tokens after
+        the cached ones: their keys and values are added to it and they attend to all."""
         B, T, _ = x_BTD.shape
-        q_BHTE, k_BHTE, v_BHTE = self.heads(x_BTD, cos_TE, sin_TE)
+        if cache is None:
+            q_BHTE, k_BHTE, v_BHTE = self.heads(x_BTD, cos_TE, sin_TE)
+            causal = mask_B1TT is None
+        else:
+            q_BHTE, k_BKTE, v_BKTE = self.rotated(x_BTD, cos_TE, sin_TE)
+            k_BHTE, v_BHTE = self.expand(*cache.append(k_BKTE, v_BKTE))
+            mask_B1TT, causal = cache.mask(T, x_BTD.device)
         y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, attn_mask=mask_B1TT,
-                                                is_causal=mask_B1TT is None)
+                                                is_causal=causal)
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
 
     def heads(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries and keys and the values, K/V repeated to one per query head: what
         the forward feeds SDPA, shared with `attention_probs` so both see the same scores."""
+        q_BHTE, k_BKTE, v_BKTE = self.rotated(x_BTD, cos_TE, sin_TE)
+        return (q_BHTE, *self.expand(k_BKTE, v_BKTE))
+
+    def rotated(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries (B, H, T, E) and keys and the values (B, K, T, E)."""
         B, T, _ = x_BTD.shape
         q_BHTE = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k_BKTE = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BKTE = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHTE, k_BKTE = apply_rope(q_BHTE, cos_TE, sin_TE), apply_rope(k_BKTE, cos_TE, sin_TE)
-        if self.num_kv_heads != self.num_heads:
-            # Expanding K/V keeps SDPA on its fused kernels, which GQA mode can leave on CPU.
-            repeats = self.num_heads // self.num_kv_heads
-            k_BKTE = k_BKTE.repeat_interleave(repeats, dim=1)
-            v_BKTE = v_BKTE.repeat_interleave(repeats, dim=1)
-        return q_BHTE, k_BKTE, v_BKTE
+        return apply_rope(q_BHTE, cos_TE, sin_TE), apply_rope(k_BKTE, cos_TE, sin_TE), v_BKTE
+
+    def expand(self, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V repeated to one per query head (grouped-query attention)."""
+        if self.num_kv_heads == self.num_heads:
+            return k_BKTE, v_BKTE
+        # Expanding K/V keeps SDPA on its fused kernels, which GQA mode can leave on CPU.
+        repeats = self.num_heads // self.num_kv_heads
+        return k_BKTE.repeat_interleave(repeats, dim=1), v_BKTE.repeat_interleave(repeats, dim=1)
+
 
     def attention_probs(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
                         mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,6 +110,48 @@ class Attention(nn.Module):
         if mask_B1TT is None:
             mask_B1TT = torch.ones(T, T, dtype=torch.bool, device=scores_BHTT.device).tril()
         return scores_BHTT.masked_fill(~mask_B1TT, float("-inf")).softmax(dim=-1)
+
+class LayerCache:
+    """One layer's slice of a `KVCache`."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def append(self, k_BKTE: torch.Tensor, v_BKTE: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys and values; return every cached one (B, K, L + T, E)."""
+        c, start = self.cache, self.cache.length
+        end = start + k_BKTE.shape[2]
+        c.k_LBKTE[self.layer, :, :, start:end] = k_BKTE
+        c.v_LBKTE[self.layer, :, :, start:end] = v_BKTE
+        return c.k_LBKTE[self.layer, :, :, :end], c.v_LBKTE[self.layer, :, :, :end]
+
+    def mask(self, T: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attention mask, is_causal) for T new tokens after the cached ones."""
+        start = self.cache.length
+        if T == 1:
+            return None, False  # one new token sees everything before it
+        if start == 0:
+            return None, True
+        keys = torch.arange(start + T, device=device)
+        return keys[None, :] <= (start + torch.arange(T, device=device))[:, None], False
+
+
+class KVCache:
+    """Keys and values of the tokens a model has seen, per layer, so that each new token is
+    one forward of one token (incremental decoding) instead of the whole context again.
+    Preallocated for `max_tokens`; `length` tokens are filled. A plain tensor cache, as
+    transformers' StaticCache, written here because Helox's Llama is its own module."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_tokens: int, device: torch.device,
+                 dtype: torch.dtype):
+        shape = (cfg.num_layers, batch, cfg.kv_heads, max_tokens, cfg.head_dim)
+        self.k_LBKTE = torch.empty(shape, device=device, dtype=dtype)
+        self.v_LBKTE = torch.empty(shape, device=device, dtype=dtype)
+        self.max_tokens, self.length = max_tokens, 0
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
 
 
 def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -123,8 +182,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
-                mask_B1TT: torch.Tensor | None = None):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TE, sin_TE, mask_B1TT)
+                mask_B1TT: torch.Tensor | None = None, cache: LayerCache | None = None):
+        normed_BTD = self.attn_norm(x_BTD)
+        x_BTD = x_BTD + (self.attn(normed_BTD, cos_TE, sin_TE, mask_B1TT) if cache is None
+                         else self.attn(normed_BTD, cos_TE, sin_TE, mask_B1TT, cache=cache))
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
@@ -175,12 +236,16 @@ class Llama(nn.Module):
                 nn.init.normal_(param, std=std)
 
     def forward(self, tokens_BT: torch.Tensor, position_ids_BT: torch.Tensor | None = None,
-                doc_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids_BT: torch.Tensor | None = None, cache: KVCache | None = None,
+                ) -> torch.Tensor:
         """Next-token logits (B, T, V) for a batch of token ids (B, T).
 
         Packed documents: `position_ids_BT` restarts RoPE positions per document and
-        `doc_ids_BT` limits attention to earlier tokens of the same document."""
+        `doc_ids_BT` limits attention to earlier tokens of the same document. With a `cache`,
+        the tokens continue the cached ones (at their positions) and are added to it."""
         T = tokens_BT.shape[1]
+        if cache is not None:
+            return self._cached_forward(tokens_BT, cache)
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         if position_ids_BT is None:
@@ -201,3 +266,15 @@ class Llama(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied matrix is counted once
+
+    def _cached_forward(self, tokens_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        start, T = cache.length, tokens_BT.shape[1]
+        if start + T > min(cache.max_tokens, self.cfg.max_seq_len):
+            raise ValueError(f"{start} cached + {T} new tokens exceed the cache's "
+                             f"{min(cache.max_tokens, self.cfg.max_seq_len)}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x_BTD = self.embed(tokens_BT)
+        for i, block in enumerate(self.blocks):
+            x_BTD = block(x_BTD, cos, sin, None, cache.layer(i))
+        cache.length = start + T
+        return self.lm_head(self.norm(x_BTD))

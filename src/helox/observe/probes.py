@@ -225,7 +225,9 @@ def _head_output_hook(record: _LayerRecord, num_heads: int):
     (E, E) Gram matrix of each head's W_o slice: no (B, T, H, D) tensor is formed."""
     def hook(module: nn.Linear, args: tuple) -> None:
         y_BTHE = args[0].float().unflatten(-1, (num_heads, -1))
-        w_DHE = module.weight.float().unflatten(-1, (num_heads, -1))
+        # A LoRA-adapted o_proj writes with its base weight plus the active adapters' deltas.
+        weight = module.weight if isinstance(module, nn.Linear) else module.effective_weight()
+        w_DHE = weight.float().unflatten(-1, (num_heads, -1))
         gram_HEE = torch.einsum("dhe,dhf->hef", w_DHE, w_DHE)
         sq_norm_BTH = (torch.einsum("bthe,hef->bthf", y_BTHE, gram_HEE) * y_BTHE).sum(-1)
         record.head_out_H = sq_norm_BTH.clamp_min(0).sqrt().mean(dim=(0, 1))
@@ -336,7 +338,10 @@ class Telemetry:
         losses, rare_masses = [], []
         for rows in _chunks(B, T * V):  # bounded fp32 copies of the logits
             logp_bTV = logits_BTV[rows].float().log_softmax(dim=-1)
-            losses.append(-logp_bTV.gather(-1, batch.targets[rows, :, None]).squeeze(-1))
+            targets_bT = batch.targets[rows]
+            loss_bT = -logp_bTV.gather(-1, targets_bT.clamp(min=0)[..., None]).squeeze(-1)
+            # untrained chat targets (IGNORE_INDEX) are left out of the loss statistics
+            losses.append(loss_bT.masked_fill(targets_bT < 0, float("nan")))
             rare_masses.append(logp_bTV[..., rare_ids].logsumexp(dim=-1).exp())
         return recorder.layers, torch.cat(losses), torch.cat(rare_masses).mean().item()
 
@@ -381,12 +386,17 @@ class Telemetry:
     def _loss_scalars(self, losses_BT: np.ndarray, domain_rows: dict[str, slice],
                       scalars: dict, histograms: dict) -> None:
         losses_N = losses_BT.astype(np.float64).ravel()
+        losses_N = losses_N[~np.isnan(losses_N)]  # NaN: an untrained chat target
+        if not len(losses_N):
+            return
         for q, value in zip(LOSS_PERCENTILES, np.percentile(losses_N, LOSS_PERCENTILES)):
             scalars[f"loss_p{q}"] = float(value)
         scalars["loss_mean"] = float(losses_N.mean())
         scalars["ppl"] = math.exp(scalars["loss_mean"])
         for domain, rows in domain_rows.items():
-            scalars[f"ppl.{domain}"] = math.exp(float(losses_BT[rows].astype(np.float64).mean()))
+            domain_losses = losses_BT[rows].astype(np.float64)
+            if not np.isnan(domain_losses).all():
+                scalars[f"ppl.{domain}"] = math.exp(float(np.nanmean(domain_losses)))
         histograms["token_loss"] = _histogram(losses_N, self.config.histogram_bins)
 
     def _rare_scalars(self, rare_mass: float, scalars: dict) -> None:

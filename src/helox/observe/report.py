@@ -115,7 +115,8 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
 
 def build_report(record: RunRecord) -> Page:
     page = Page(f"Helox run {record.name}")
-    for section in (summary_section, loss_section, optimizer_section, throughput_section,
+    for section in (summary_section, loss_section, preference_section, optimizer_section,
+                    throughput_section,
                     attention_section, activation_section, dead_units_section, drift_section,
                     evaluation_section,
                     alerts_section, fingerprint_section, lineage_section):
@@ -352,6 +353,26 @@ def optimizer_section(page: Page, rec: RunRecord) -> None:
             scale = figure("fp16 loss scale", "scale", log_y=True)
             line(scale, rec.steps, "loss_scale")
             page.chart(scale)
+    page.grid(build)
+
+
+def preference_section(page: Page, rec: RunRecord) -> None:
+    """A DPO run's rewards and preference accuracy (TRL's names), training and held out;
+    nothing for other runs."""
+    if not any("rewards/margins" in row for row in rec.steps):
+        return
+    page.heading("Preference training (DPO)")
+
+    def build() -> None:
+        lines_chart(page, rec.steps, ["rewards/chosen", "rewards/rejected", "rewards/margins"],
+                    "implicit rewards β·log(π/π_ref), training pairs", "reward", mode="lines")
+        fig = figure("preference accuracy", "share of pairs with chosen reward > rejected")
+        line(fig, rec.steps, "rewards/accuracies", "training")
+        line(fig, rec.evals, "val_rewards/accuracies", "held out", mode="lines+markers")
+        page.chart(fig, 360)
+        lines_chart(page, rec.steps, ["logps/chosen", "logps/rejected", "ref_logps/chosen",
+                                      "ref_logps/rejected"],
+                    "log-probabilities of the responses", "nats", mode="lines")
     page.grid(build)
 
 

@@ -1,12 +1,16 @@
 """Distributed tests on CPU: `run_distributed` starts real processes that join a gloo group on
 127.0.0.1 and run one function each, and hands back what every rank returned (OLMo-core's
 `run_distributed_test` is the model). The function must be importable by the children (a
-module-level function of a package module, not of a test file)."""
+module-level function of a package module, not of a test file). `helox_train` launches
+`helox train` itself (on `--nproc` processes through torch.distributed.run)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -49,3 +53,30 @@ def _rank_main(rank: int, fn: Callable[..., Any], args: tuple, world_size: int, 
         torch.save(fn(*args), Path(folder) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def helox_train(recipe: Path, run_dir: Path, *args: str, env: dict | None = None,
+                nproc: int = 2) -> subprocess.CompletedProcess:
+    """`python -m helox.cli train RECIPE --run-dir RUN_DIR [--nproc N] ARGS`, which must
+    succeed (its output is in the assertion message)."""
+    command = [sys.executable, "-m", "helox.cli", "train", str(recipe), "--run-dir",
+               str(run_dir), *(["--nproc", str(nproc)] if nproc > 1 else []), *args]
+    done = run_job(command, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def run_job(command: list[str], env: dict | None = None, timeout_s: float = 300,
+            ) -> subprocess.CompletedProcess:
+    """`command` in its own session; on a timeout the whole session (torchrun and every
+    rank it started) is killed, so no rank outlives the test, and TimeoutError says so."""
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise TimeoutError(f"{' '.join(command)} ran past {timeout_s} s:\n{stdout}{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

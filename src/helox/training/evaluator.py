@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from helox.data.loader import MicroBatch, TrainLoader, fixed_sequences, split_rows
+from helox.data.loader import IGNORE_INDEX, MicroBatch, TrainLoader, fixed_sequences, split_rows
 from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
 from helox.training.step import LossFn
@@ -42,10 +42,25 @@ class Evaluator:
             for domain, data in sets.items():
                 batches = split_rows(data, rows)
                 sums[domain] = sum(loss_fn(batch)["lm"].item() for batch in batches)
-                counts[domain] = data.targets.numel()
+                counts[domain] = max(1, int((data.targets != IGNORE_INDEX).sum()))
         model.train()
         overall = sum(sums.values()) / sum(counts.values())
         return overall, {d: sums[d] / counts[d] for d in sums}
+
+    def pair_terms(self, loss_fn: LossFn, model: nn.Module) -> dict[str, float]:
+        """A DPO run's held-out figures: each of the loss function's per-pair terms (the
+        loss under "dpo", TRL's rewards/accuracies, ...) averaged over the validation pairs."""
+        sums: dict[str, float] = {}
+        pairs = 0
+        model.eval()
+        with torch.no_grad():
+            for data in self._sequences("eval").values():
+                for batch in split_rows(data, self.config.train.micro_batch_size):
+                    for name, value in loss_fn(batch).items():
+                        sums[name] = sums.get(name, 0.0) + value.item()
+                    pairs += batch.inputs.shape[0]
+        model.train()
+        return {name: value / max(1, pairs) for name, value in sums.items()}
 
     def _sequences(self, purpose: str) -> dict[str, MicroBatch]:
         if purpose not in self._sets:

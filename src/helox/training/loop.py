@@ -34,6 +34,8 @@ from helox.eval.runner import check_contamination, prepare_tasks, run_suite
 from helox.eval.suite import LoadedSuite, load_suite, subset
 from helox.hardware import matmul_flops_per_s, memory_mib
 from helox.model.llama import Llama
+from helox.finetune.dpo import Reference, make_dpo_loss_fn
+from helox.finetune.lora import only_active
 from helox.observe.health import Alert, HealthMonitor
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.observe.probes import Telemetry, probe_batches, unigram_counts
@@ -43,15 +45,16 @@ from helox.training.evaluator import Evaluator
 from helox.training.faults import FaultInjector
 from helox.training.optim import AdaptiveClip, effective_betas, lr_at, set_lr
 from helox.training.precision import apply_precision_policy
-from helox.training.records import StepMetrics, bad_step_event, data_metrics, objective_metrics
-from helox.training.setup import (check_parallel, describe_mismatch, ema_model, loader_options,
-                                  micro_rows, model_flops_per_token, parallel_training,
-                                  pick_device, resolve_vocab_size, resume_key,
-                                  write_run_files)
+from helox.training.records import (StepMetrics, bad_step_event, data_metrics, dpo_metrics,
+                                    objective_metrics)
+from helox.training.setup import (check_dataset_kind, check_parallel, describe_mismatch,
+                                  ema_model, loader_options, lora_model, micro_rows,
+                                  model_flops_per_token, parallel_training, pick_device,
+                                  resolve_vocab_size, resume_key, write_run_files)
 from helox.training.stability import Recovery, SpikeDetector
 from helox.training.state import Counters, TrainerState, ValueState
 from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compiled, make_loss_fn, make_scaler,
-                              pick_precision, train_step)
+                                 pick_precision, rows, train_step)
 from helox.training.watermark import CARD_FILE, watermark_for, with_watermark, write_card
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
@@ -128,6 +131,7 @@ class Trainer:
         # Only rank 0 speaks: the other ranks' decisions are the same (they are reduced).
         self.console = console if self.job.main else Console(quiet=True)
         check_parallel(config, self.job)
+        check_dataset_kind(config, dataset)
         self.precision = pick_precision(config.train.precision, self.device)
         # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
         seed_everything(config.train.seed,
@@ -176,7 +180,12 @@ class Trainer:
         model itself (what evaluation, telemetry and the EMA read); `parallel` what trains
         (DDP's wrapper; FSDP2 shards `model` in place, so there they are one)."""
         tc = self.config.train
-        self.model = Llama(self.config.model).to(self.device)
+        self.adapters, self.lora_info = None, None
+        if self.config.lora is not None:  # the base from train.init_from, frozen, + adapters
+            self.model, self.adapters, self.lora_info = lora_model(self.config, self.warn)
+            self.model.to(self.device)
+        else:
+            self.model = Llama(self.config.model).to(self.device)
         self.model.set_activation_checkpointing(tc.activation_checkpointing)
         apply_precision_policy(self.model, tc.fp32_modules, self.device.type)
         self.scaler = make_scaler(self.precision, self.device)
@@ -191,7 +200,9 @@ class Trainer:
         a rollback restores those marked `rollback` (the model's trajectory) and keeps the
         rest (the data moves on past the bad window; the counters keep counting)."""
         state = TrainerState()
-        state.register("model", self.parallel, rollback=True)
+        # A LoRA run checkpoints its adapter alone; the frozen base is read from its checkpoint.
+        state.register("model", self.adapters if self.adapters is not None else self.parallel,
+                       rollback=True)
         state.register("optimizer", self.optimizer, rollback=True)
         state.register("counters", self.counters)
         state.register("loader", self.loader, per_rank=True)
@@ -243,7 +254,9 @@ class Trainer:
         watermark_key = self.watermark.card.key_id if self.watermark else None
         return {**run_fingerprint(self.config.sha256(), self.dataset.version),
                 "resume_key": resume_key(self.config, self.dataset.version, injected_versions,
-                                         watermark_key),
+                                         watermark_key, self.lora_info and
+                                         self.lora_info["base_fingerprint"]),
+                **({"lora": self.lora_info} if self.lora_info else {}),
                 **({"watermark_key_id": watermark_key} if watermark_key else {}),
                 "injected_datasets": injected_versions,
                 "dataset_path": str(self.dataset.path),
@@ -291,12 +304,41 @@ class Trainer:
             if self.ema else None
         loss_fn = make_loss_fn(self.parallel, self.device, self.precision,
                                [o.name for o in tc.objectives])
+        self.dpo_eval_fn = None
+        if self.config.dpo is not None:  # config checks: eager, no other objective
+            reference, dtype = self.dpo_reference(), AUTOCAST_DTYPES.get(self.precision)
+            loss_fn = make_dpo_loss_fn(self.parallel, reference, self.device, dtype,
+                                       self.config.dpo)
+            self.dpo_eval_fn = make_dpo_loss_fn(self.model, reference, self.device, dtype,
+                                                self.config.dpo)
         self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
         if self.watermark is not None:
             self.train_loss_fn = with_watermark(self.train_loss_fn, self.model, self.device,
                                                 self.precision, self.watermark)
         if self.faults.active:
             self.train_loss_fn = self.faults.loss_fn(self.train_loss_fn)
+
+    def dpo_reference(self) -> Reference:
+        """DPO's reference: a LoRA run's base with the trained adapter off (the stacked ones
+        stay on), else the model of dpo.reference or train.init_from, loaded frozen."""
+        config = self.config
+        if config.lora is not None and config.dpo.reference is None:
+            keep = config.lora.adapter_names()[:-1]
+
+            def base(tokens_BT, positions_BT, doc_ids_BT):
+                with only_active(self.model, keep):
+                    return self.model(tokens_BT, positions_BT, doc_ids_BT)
+            return base
+        path = ckpt.resolve_checkpoint(config.dpo.reference or config.train.init_from,
+                                       warn=self.warn)
+        model = ckpt.load_trained_model(path).model.to(self.device).requires_grad_(False)
+        self.console.print(f"DPO reference: {path}", soft_wrap=True)
+        return model
+
+    def objective_weights(self, step: int) -> dict[str, float]:
+        if self.config.dpo is not None:
+            return {"dpo": 1.0}
+        return {o.name: o.weight_at(step) for o in self.config.train.objectives}
 
     @property
     def step(self) -> int:
@@ -348,8 +390,10 @@ class Trainer:
         clip_norm = self.clip.threshold()
         outcome = train_step(self.train_loss_fn, self.parallel, self.optimizer,
                              batch.micro_batches(micro_rows(config, batch)), clip_norm,
-                             {o.name: o.weight_at(step) for o in tc.objectives},
-                             gate=self.detector.gate, scaler=self.scaler, group=self.job.group)
+                             self.objective_weights(step), gate=self.detector.gate,
+                             scaler=self.scaler, group=self.job.group, masked=self.loader.masked,
+                             divisor=rows if self.config.dpo else None,
+                             primary="dpo" if self.config.dpo else "lm")
         if outcome.overflowed and outcome.loss_scale > 1.0:
             # fp16's scaler probing its range (it backed off): expected, not a bad step.
             outcome = outcome._replace(skip_reason="overflow")
@@ -397,7 +441,8 @@ class Trainer:
             mfu=tokens_per_s * self.flops_per_token / (self.peak_flops_per_s
                                                        * self.job.world_size),
             skipped_steps=self.counters.skipped_steps,
-            objectives=objective_metrics(self.config.train, outcome, step),
+            objectives=dpo_metrics(outcome) if self.config.dpo else
+            objective_metrics(self.config.train, outcome, step),
             memory_mib={"memory_peak_mib": memory_peak_mib},
             data=data_metrics(self.loader, batch), ranks=self.job.world_size,
             skipped=outcome.skip_reason if outcome.skipped else None,
@@ -422,6 +467,13 @@ class Trainer:
         if not tc.eval_every_steps or (self.step % tc.eval_every_steps
                                        and self.step != tc.max_steps):
             return None
+        if self.dpo_eval_fn is not None:  # held-out pairs: the DPO loss and TRL's metrics
+            terms = self.evaluator.pair_terms(self.dpo_eval_fn, self.model)
+            val_loss = terms.pop("dpo")
+            self.log({"step": self.step, "val_loss": val_loss,
+                      **{f"val_{name}": value for name, value in terms.items()}})
+            self.raise_alerts(self.health.on_eval(self.step, val_loss))
+            return val_loss
         val_loss, by_domain = self.evaluator.losses(self.eval_loss_fn, self.model, "eval")
         record = {"step": self.step, "val_loss": val_loss,
                   **{f"val_loss.{d}": v for d, v in by_domain.items()},
@@ -487,7 +539,8 @@ class Trainer:
         return LanguageModel(helox_forward(self.model), load_tokenizer(
             self.dataset.tokenizer_path), self.dataset.eos_id, self.config.model.max_seq_len,
             self.config.model.vocab_size, ckpt.step_name(self.step), str(self.run_dir),
-            self.device, batch_size)
+            self.device, batch_size,
+            None if self.job.distributed else self.model)  # FSDP2 shards: no cached decoding
 
     def rebalance_if_due(self) -> None:
         if not self.loader.rebalance_due(self.step):
@@ -597,10 +650,17 @@ class Trainer:
             ckpt.remove_stale_temporaries(self.run_dir)
         restored = self.newest_checkpoint()
         if restored is None:
-            if self.config.train.init_from is not None:
+            if self.config.train.init_from is not None and self.config.lora is None:
                 self.warm_start(self.config.train.init_from)
             return
         saved_info = ckpt.read_run_info(restored.path)
+        saved_base = (saved_info.get("lora") or {}).get("base_fingerprint")
+        if self.lora_info and saved_base not in (None, self.lora_info["base_fingerprint"]):
+            raise HeloxError(f"{restored.path} holds an adapter trained on the base model with "
+                             f"fingerprint {saved_base}; train.init_from "
+                             f"({self.lora_info['base_checkpoint']}) now holds fingerprint "
+                             f"{self.lora_info['base_fingerprint']}",
+                             hint="restore the original base model, or train in a new --run-dir")
         if saved_info["resume_key"] != self.run_info["resume_key"]:
             raise HeloxError(f"{self.run_dir} holds checkpoints of a different run: "
                              + describe_mismatch(restored.path, self.config, saved_info,
@@ -685,7 +745,10 @@ def announce(console: Console, model: Llama, device: torch.device, precision: st
                       f"{last_step}; train.max_steps={tc.max_steps})", soft_wrap=True)
         return
     tokens_per_step = loader.curriculum.batch_blocks(start_step) * tc.seq_len
-    console.print(f"training {model.num_params():,} parameters on {device} ({precision}"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    what = f"{trainable:,} parameters" + (f" ({frozen:,} frozen)" if frozen else "")
+    console.print(f"training {what} on {device} ({precision}"
                   f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
                   f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
                   soft_wrap=True)

@@ -88,6 +88,8 @@ def optimizer_spec(model: nn.Module, cfg: OptimConfig,
     apart, so that ZeRO-1 (helox.distributed) can shard the same optimizer over ranks."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:  # frozen (a LoRA run's base): no state, no updates
+            continue
         is_embedding = name.endswith("embed.weight")
         (decay if param.dim() >= 2 and not is_embedding else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},

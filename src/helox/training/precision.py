@@ -22,6 +22,7 @@ from rich.table import Table
 from torch import nn
 
 from helox.errors import HeloxError
+from helox.finetune.lora import apply_lora, read_adapter_config, set_trainable
 from helox.model.llama import Llama
 from helox.training.step import AUTOCAST_DTYPES
 
@@ -105,6 +106,8 @@ class PrecisionRow(NamedTuple):
     compute: str
     """What its matmuls compute in under the run's precision ("fp32" for modules with none,
     such as embeddings and norms), and why when the policy decides."""
+    trainable: int = 0
+    """Of `params`, those the run trains (all but a LoRA run's frozen base)."""
 
 
 def describe_precision(model: nn.Module, precision: str, patterns: list[str],
@@ -120,7 +123,8 @@ def describe_precision(model: nn.Module, precision: str, patterns: list[str],
         counted.update(id(p) for p in params)
         kind = getattr(module, "base_class", type(module)).__name__ + (" (tied)" if tied else "")
         rows.append(PrecisionRow(name, kind, sum(p.numel() for p in params),
-                                 _compute(name, module, precision, fp32_names)))
+                                 _compute(name, module, precision, fp32_names),
+                                 sum(p.numel() for p in params if p.requires_grad)))
     return rows
 
 
@@ -158,19 +162,27 @@ def dry_run_plan(config: RunConfig, device: torch.device, precision: str) -> dic
     the weights, gradients and optimizer state will take in memory."""
     with torch.device("meta"):
         model = Llama(config.model)
+        if config.lora is not None:  # the adapters as the run attaches them
+            for folder, name in zip(config.lora.stack, config.lora.adapter_names()):
+                apply_lora(model, read_adapter_config(folder), name)
+            apply_lora(model, config.lora, config.lora.name)
+            set_trainable(model, [config.lora.name])
     model.set_activation_checkpointing(config.train.activation_checkpointing)
     apply_precision_policy(model, config.train.fp32_modules, device.type)
     layers = []
     for row in describe_precision(model, precision, config.train.fp32_modules):
         block = re.match(r"blocks\.(\d+)(\.|$)", row.name)
         layers.append({"module": row.name, "type": row.kind, "params": row.params,
-                       "compute": row.compute, "checkpointed": block is not None
+                       "trainable": row.trainable, "compute": row.compute,
+                       "checkpointed": block is not None
                        and int(block[1]) in model.checkpointed_blocks})
     num_params = model.num_params()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"name": config.name, "precision": precision, "device": str(device),
-            "layers": layers, "num_params": num_params,
+            "layers": layers, "num_params": num_params, "trainable_params": trainable,
+            "frozen_params": num_params - trainable,
             "weights_bytes": 4 * num_params,  # fp32 master weights under autocast
-            "gradients_bytes": 4 * num_params,  # and fp32 gradients
+            "gradients_bytes": 4 * trainable,  # and fp32 gradients of what trains
             "optimizer": config.optim.optimizer,
             "optimizer_state_bytes": optimizer_state_bytes(model, config.optim.optimizer),
             "checkpointed_blocks": len(model.checkpointed_blocks),
@@ -183,14 +195,17 @@ def print_plan(console: Console, plan: dict) -> None:
     table.add_column("module", no_wrap=True)
     table.add_column("type")
     table.add_column("params", justify="right")
+    table.add_column("trainable", justify="right")
     table.add_column("compute")
     table.add_column("checkpointed")
     for layer in plan["layers"]:
-        table.add_row(layer["module"], layer["type"], f"{layer['params']:,}", layer["compute"],
+        table.add_row(layer["module"], layer["type"], f"{layer['params']:,}",
+                      f"{layer['trainable']:,}", layer["compute"],
                       "yes" if layer["checkpointed"] else "")
     console.print(table)
     weights, state = plan["weights_bytes"], plan["optimizer_state_bytes"]
-    console.print(f"{plan['num_params']:,} parameters; weights {_gib(weights)} + gradients "
+    console.print(f"{plan['num_params']:,} parameters ({plan['trainable_params']:,} trainable, "
+                  f"{plan['frozen_params']:,} frozen); weights {_gib(weights)} + gradients "
                   f"{_gib(plan['gradients_bytes'])} + {plan['optimizer']} state {_gib(state)} "
                   f"= {_gib(weights + plan['gradients_bytes'] + state)} before activations; "
                   f"{plan['checkpointed_blocks']} of {plan['blocks']} blocks checkpointed",
@@ -200,10 +215,11 @@ def print_plan(console: Console, plan: dict) -> None:
 def optimizer_state_bytes(model: nn.Module, optimizer: str) -> int:
     """fp32 optimizer state: AdamW keeps two moments per parameter; Adafactor a row and a
     column second moment per matrix and a full one per vector (torch.optim.Adafactor)."""
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen ones keep none
     if optimizer == "adamw":
-        return 8 * sum(p.numel() for p in model.parameters())
+        return 8 * sum(p.numel() for p in trained)
     return 4 * sum(p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.dim() >= 2
-                   else p.numel() for p in model.parameters())
+                   else p.numel() for p in trained)
 
 
 def _gib(num_bytes: int) -> str:

@@ -63,6 +63,12 @@ def objective_metrics(config: TrainConfig, outcome: StepOutcome, step: int) -> d
     return record
 
 
+def dpo_metrics(outcome: StepOutcome) -> dict:
+    """A DPO step's figures under TRL's names (rewards/…, logps/…, ref_logps/…), each the
+    mean over the step's pairs; its loss is the line's `loss`."""
+    return {name: value for name, value in outcome.terms.items() if name not in ("dpo", "total")}
+
+
 def data_metrics(loader: TrainLoader, batch: StepBatch) -> dict:
     """What the loader fed this step: shape, tokens so far, and the mixture."""
     record = {"seq_len": batch.seq_len, "batch_sequences": batch.num_rows,

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from helox.checkpoint import CONFIG_FILE, RUN_INFO_FILE, read_config_raw
+from helox.checkpoint import (CONFIG_FILE, RUN_INFO_FILE, load_trained_model, read_config_raw,
+                              resolve_checkpoint, verify_checkpoint)
+from helox.checkpoint.fingerprint import model_fingerprint
 from helox.checkpoint.layout import write_config
 from helox.data.loader import LoaderOptions, StepBatch
 from helox.distributed.config import ParallelConfig
@@ -21,6 +23,7 @@ from helox.distributed.parallelize import build_mesh, parallelize, zero1_optimiz
 from helox.data.shards import DatasetVersion
 from helox.errors import HeloxError
 from helox.fileio import sha256_json
+from helox.finetune.lora import AdapterWeights, attach_adapters
 from helox.model.llama import Llama
 from helox.training.optim import OptimConfig, build_optimizer, optimizer_spec
 
@@ -40,9 +43,35 @@ TRAJECTORY_SECTIONS = ("model", "train", "optim", "mixture", "curriculum")
 
 def model_flops_per_token(model: Llama, seq_len: int) -> int:
     """Training FLOPs per token: 6 per matmul parameter (forward and backward) plus attention
-    scores and values, 12 × layers × d_model × context (PaLM's appendix B)."""
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return 6 * matmul_params + 12 * model.cfg.num_layers * model.cfg.d_model * seq_len
+    scores and values, 12 × layers × d_model × context (PaLM's appendix B). A frozen matmul
+    (a LoRA run's base) costs 4: its backward computes the input's gradient, not its own."""
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    matmul_flops = sum((6 if w.requires_grad else 4) * w.numel() for w in linears)
+    return matmul_flops + 12 * model.cfg.num_layers * model.cfg.d_model * seq_len
+
+
+def lora_model(config: RunConfig, warn) -> tuple[Llama, AdapterWeights, dict]:
+    """A LoRA run's model: the base that train.init_from names (frozen, exactly this run's
+    model shape), the stacked adapters and the trained one; with the trained adapter's
+    weights as a module, and what run.json records about the base (its fingerprint)."""
+    path = resolve_checkpoint(config.train.init_from, warn=warn)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise HeloxError(f"train.init_from: {path} is not a valid checkpoint: {problem}",
+                         hint="point it at the base model's run folder or checkpoint")
+    base = load_trained_model(path).model
+    if base.cfg != config.model:
+        ours, theirs = config.model.model_dump(), base.cfg.model_dump()
+        diffs = ", ".join(f"{k} {theirs[k]} (recipe: {ours[k]})" for k in ours
+                          if ours[k] != theirs[k])
+        raise HeloxError(f"the base model {path} has another shape than the recipe's model "
+                         f"section: {diffs}",
+                         hint="copy the base's model section into the recipe (helox import-hf "
+                              "writes a finetune.yaml that has it)")
+    fingerprint = model_fingerprint(base)
+    adapters = attach_adapters(base.train(), config.lora, fingerprint)
+    return base, adapters, {"base_checkpoint": str(path), "base_fingerprint": fingerprint,
+                            "adapter": config.lora.name}
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
@@ -91,11 +120,27 @@ def check_parallel(config: RunConfig, job: Job) -> None:
         raise HeloxError(str(exc), hint=f"the global batch is train.micro_batch_size × "
                          f"train.grad_accum_steps ({global_batch}); change parallel.* or "
                          f"train.*, or launch another number of processes") from None
+    if shard > 1 and config.lora is not None:
+        raise HeloxError(f"a LoRA run with parameters sharded over {shard} ranks (FSDP2) is "
+                         "not supported yet: its frozen base and adapters share FSDP units",
+                         hint=f"train it with DDP (parallel.dp_replicate={job.world_size})")
     if shard > 1 and tc.ema_decay:
         raise HeloxError(f"train.ema_decay with parameters sharded over {shard} ranks "
                          "(FSDP2): the moving average is kept only for replicated parameters",
                          hint=f"train with DDP (parallel.dp_replicate={job.world_size}) or "
                               "without train.ema_decay")
+
+
+def check_dataset_kind(config: RunConfig, dataset: DatasetVersion) -> None:
+    """Preference pairs train with DPO, and DPO trains on nothing else."""
+    kind = None if dataset.chat is None else dataset.chat.get("kind", "chat")
+    if config.dpo is not None and kind != "preference":
+        raise HeloxError(f"dpo is set but dataset {dataset.version} holds "
+                         f"{'text' if kind is None else 'conversations'}, not preference pairs",
+                         hint="build the dataset from `format: preference` sources")
+    if config.dpo is None and kind == "preference":
+        raise HeloxError(f"dataset {dataset.version} holds preference pairs, which train "
+                         "with DPO", hint="add a dpo section to the recipe")
 
 
 def loader_options(config: RunConfig) -> LoaderOptions:
@@ -137,9 +182,12 @@ def pick_device(name: str) -> torch.device:
 
 def resume_key(config: RunConfig, dataset_version: str,
                injected_versions: dict[str, str] | None = None,
-               watermark_key_id: str | None = None) -> str:
+               watermark_key_id: str | None = None,
+               base_fingerprint: str | None = None) -> str:
     """Hash of everything that determines the training trajectory; resuming requires a match."""
     versions = {"dataset_version": dataset_version}
+    if base_fingerprint:  # a LoRA run: the weights it adapts
+        versions["base_fingerprint"] = base_fingerprint
     if injected_versions:  # absent when empty, so keys of runs without injection are unchanged
         versions["injected_versions"] = injected_versions
     if watermark_key_id:  # the secret's name: resuming with another secret is another run
@@ -153,6 +201,8 @@ def trajectory_config(raw: dict) -> dict:
     for section, fields in RESUMABLE_CHANGES.items():
         for name in fields:
             sections[section].pop(name, None)
+    if raw.get("lora") is not None:  # absent without one: other runs' keys are unchanged
+        sections["lora"] = copy.deepcopy(raw["lora"])
     if raw["watermark"] is not None:  # absent without one: other runs' keys are unchanged
         sections["watermark"] = {key: value for key, value in raw["watermark"].items()
                                  if key != "secret_file"}

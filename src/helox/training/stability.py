@@ -106,9 +106,9 @@ class SpikeDetector:
         return z > self.config.z_threshold and \
             loss > median * (1.0 + self.config.min_relative_increase)
 
-    def gate(self, terms: dict[str, float], grad_norm: float) -> str | None:
+    def gate(self, loss: float, grad_norm: float) -> str | None:
         """train_step's gate: skip the update of a spike step (when configured to)."""
-        if self.config is not None and self.config.skip_update and self.is_spike(terms["lm"]):
+        if self.config is not None and self.config.skip_update and self.is_spike(loss):
             return "loss_spike"
         return None
 

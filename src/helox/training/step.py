@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from helox.data.loader import MicroBatch
+from helox.data.loader import IGNORE_INDEX, MicroBatch
 from helox.errors import HeloxError
 from helox.hardware import cpu_has_native_bf16
 
@@ -31,7 +31,8 @@ def make_loss_fn(model: nn.Module, device: torch.device, precision: str,
                  objectives: Collection[str] = ("lm",)) -> LossFn:
     """Forward in the run's precision (bf16/fp16 autocast keeps fp32 master weights and
     optimizer state) and the objectives in fp32. "lm" is always computed (it is what
-    evaluation and the logs compare); "z_loss" adds Σ logsumexp(logits)² over the tokens."""
+    evaluation and the logs compare); "z_loss" adds Σ logsumexp(logits)² over the tokens.
+    Targets set to IGNORE_INDEX (untrained chat tokens) count in neither."""
     dtype = AUTOCAST_DTYPES.get(precision, torch.bfloat16)
 
     def loss_sums(batch: MicroBatch) -> dict[str, torch.Tensor]:
@@ -42,7 +43,8 @@ def make_loss_fn(model: nn.Module, device: torch.device, precision: str,
         logits_NV = logits_BTV.float().flatten(0, 1)
         sums = {"lm": F.cross_entropy(logits_NV, targets_BT.flatten(), reduction="sum")}
         if "z_loss" in objectives:
-            sums["z_loss"] = torch.logsumexp(logits_NV, dim=-1).square().sum()
+            trained_N = targets_BT.flatten() != IGNORE_INDEX
+            sums["z_loss"] = (torch.logsumexp(logits_NV, dim=-1).square() * trained_N).sum()
         return sums
 
     return loss_sums
@@ -70,7 +72,8 @@ def compiled(loss_fn: LossFn) -> LossFn:
 
 class StepOutcome(NamedTuple):
     loss: float
-    """Next-token cross-entropy per target token (the "lm" objective, unweighted)."""
+    """Next-token cross-entropy per target token (the "lm" objective, unweighted), or the
+    run's primary objective (DPO's loss per pair)."""
     grad_norm: float
     """Global gradient norm before clipping (of the unscaled gradients under fp16)."""
     terms: dict[str, float]
@@ -95,8 +98,8 @@ class StepOutcome(NamedTuple):
                 and math.isfinite(self.terms["total"]))
 
 
-Gate = Callable[[dict[str, float], float], "str | None"]
-"""(terms, grad norm) of a finite step -> a reason to skip its update, or None to apply it."""
+Gate = Callable[[float, float], "str | None"]
+"""(loss, grad norm) of a finite step -> a reason to skip its update, or None to apply it."""
 
 
 def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**16,
@@ -114,7 +117,9 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
                batches: list[MicroBatch], clip_norm: float | None,
                weights: dict[str, float] | None = None, gate: Gate | None = None,
                scaler: torch.amp.GradScaler | None = None,
-               group: dist.ProcessGroup | None = None) -> StepOutcome:
+               group: dist.ProcessGroup | None = None, masked: bool = False,
+               divisor: Callable[[list[MicroBatch]], float] | None = None,
+               primary: str = "lm") -> StepOutcome:
     """One optimizer step over the micro-batches on Σ weight × objective (default: lm alone).
 
     Each objective is summed over tokens and divided by the target tokens of *all*
@@ -127,10 +132,16 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     With a data-parallel `group`, the objectives are averaged over its ranks before the
     decision (the gradient norm already is global): every rank reports the global loss and
     skips, or steps, together, so the replicas never diverge.
+    With `masked` targets (chat data: IGNORE_INDEX where no loss is taken), ranks hold
+    different numbers of trained targets; their global count (one more all-reduce) is the
+    divisor, so the averaged gradient is the one-process gradient of the global batch.
+    A `divisor` replaces the count of trained targets (DPO: the number of pairs), and
+    `primary` names the objective reported as the step's loss.
     """
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
     weights = weights or {"lm": 1.0}
-    num_targets = sum(batch.targets.numel() for batch in batches)
+    num_targets = divisor(batches) if divisor is not None else \
+        trained_targets(batches, group if masked else None)
     totals: dict[str, torch.Tensor] = {}
     for batch in batches:
         sums = loss_fn(batch)
@@ -164,7 +175,7 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     if not (math.isfinite(terms["total"]) and math.isfinite(norm_value)):
         reason = "nonfinite"
     elif gate is not None:
-        reason = gate(terms, norm_value)
+        reason = gate(terms[primary], norm_value)
     if reason is None:
         # Not scaler.step(): a finite norm means finite gradients, which is all it checks,
         # with a host sync of its own.
@@ -172,7 +183,25 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     if scaler is not None:
         update_scale(scaler, reason, loss_scale)
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(terms["lm"], norm_value, terms, reason, loss_scale)
+    return StepOutcome(terms[primary], norm_value, terms, reason, loss_scale)
+
+
+def rows(batches: list[MicroBatch]) -> int:
+    """Sequences in the micro-batches: DPO's divisor (one preference pair per row)."""
+    return sum(batch.inputs.shape[0] for batch in batches)
+
+
+def trained_targets(batches: list[MicroBatch], group: dist.ProcessGroup | None = None,
+                    ) -> float:
+    """The divisor of this rank's objective sums: its targets that are not IGNORE_INDEX, or,
+    with a `group`, the group's total over its size (the gradient averaging across ranks then
+    divides by the global count). At least 1, so a batch of padding divides nothing by 0."""
+    count = sum(int((batch.targets != IGNORE_INDEX).sum()) for batch in batches)
+    if group is None:
+        return max(1, count)
+    total = torch.tensor([count], dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    return max(1.0, float(total) / dist.get_world_size(group))
 
 
 def mean_over_ranks(totals: dict[str, torch.Tensor], group: dist.ProcessGroup,
