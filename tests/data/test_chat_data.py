@@ -158,3 +158,15 @@ def test_chat_and_text_sources_do_not_mix_and_rows_are_the_sequence_length(files
                     overrides=[f"data.val=[{{path: {train}}}]"])
     with pytest.raises(Exception, match="row_tokens"):
         chat_config(tmp_path, tokenizer_json, train, overrides=["data.chat.row_tokens=64"])
+
+
+def test_data_show_says_how_the_conversations_were_packed(dataset):
+    from rich.console import Console
+
+    from helox.data.report import print_show
+
+    console = Console(record=True, width=200)
+    print_show(console, dataset)
+    text = console.export_text()
+    assert f"chat: template chatml, trains assistant, rows of {ROW_TOKENS:,} tokens" in text
+    assert "train default: 14 in" in text and "1 too long" in text

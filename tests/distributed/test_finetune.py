@@ -51,7 +51,7 @@ def assert_same_training(one, two):
     got, expected = (ckpt.saved_weights(ckpt.list_checkpoints(r)[0]) for r in (two, one))
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

@@ -115,7 +115,7 @@ def test_a_gate_rejected_fp16_step_does_not_back_off_the_scale():
     train_step(loss_fn, model, optimizer, fixed_batches(), 1.0, scaler=scaler)
     before = snapshot(model, optimizer)
     outcome = train_step(loss_fn, model, optimizer, fixed_batches(), 1.0, scaler=scaler,
-                         gate=lambda terms, norm: "spike")
+                         gate=lambda loss, norm: "spike")
     assert outcome.skip_reason == "spike" and unchanged(before, model, optimizer)
     assert scaler.get_scale() == 2.0**10
 

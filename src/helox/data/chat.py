@@ -5,9 +5,10 @@ A `format: chat` source is JSON Lines, one record per line, either a conversatio
     {"messages": [...], "tools": [...]}
 or a prompt and its completion (TRL's shape; text or messages)
     {"prompt": "text" | [messages], "completion": "text" | message | [messages]}
-A record that is not JSON or not a conversation is counted and skipped, like any bad line of a
-source; its id is `file:line`, so a conversation the template later cannot render is an error
-naming its line.
+A `format: preference` source holds preference pairs (chat/preferences.py), read as the prompt's
+messages followed by the chosen and the rejected response. A record that is not JSON or not a
+conversation is counted and skipped, like any bad line of a source; its id is `file:line`, so a
+conversation the template later cannot render is an error naming its line.
 
 Cleaning: the steps that rewrite text (normalize, pii, secrets) run on every message content and
 every tool call's arguments on their own, so a placeholder never crosses a message boundary and
@@ -16,7 +17,8 @@ domain tags) see the conversation's text, its contents joined by blank lines.
 
 Packing (`pack_conversations`): a conversation and its end-of-document token go whole into a row
 of `row_tokens` tokens; when the next does not fit, the row is filled with end-of-document
-tokens and a new one starts. A conversation longer than a row is cut to fit (and counted). The
+tokens and a new one starts. A conversation longer than a row is cut to fit (and counted). A
+preference pair takes a row of its own (`pack_pairs`). The
 shards hold the rows back to back, then one more end-of-document token, so block k of the loader
 (tokens [kL, kL + L + 1)) is row k and its targets; beside each shard a mask file says, per
 token, whether it is trained as a target (the separators and padding never are).
@@ -31,14 +33,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from tokenizers import Tokenizer
 
 from helox.chat.masks import TrainOn, encode_conversation
 from helox.chat.messages import Conversation, Message
 from helox.chat.preferences import Preference
 from helox.chat.templates import BUILTIN, TEMPLATE_FILE, ChatTemplate, TemplateRenderError
-from helox.configbase import StrictModel
+from helox.configbase import StrictModel, resolve_input_path
 from helox.data.document import Document
 from helox.data.pipeline import Step, StepConfig, StepStats
 from helox.errors import HeloxError
@@ -47,7 +49,6 @@ CONVERSATION_KEY = "conversation"
 """Where a chat document keeps its conversation (Document.metadata)."""
 REWRITING_STEPS = frozenset({"normalize", "pii", "secrets"})
 """Steps that edit text: run per message content, never across the conversation's JSON."""
-JUDGING_STEPS_REFUSED = frozenset({"semantic_dedup"})
 
 
 class ChatDataConfig(StrictModel):
@@ -63,9 +64,11 @@ class ChatDataConfig(StrictModel):
 
     @field_validator("template")
     @classmethod
-    def _known_template(cls, value: str) -> str:
-        if value in ("tokenizer", *BUILTIN) or value.endswith(".json"):
+    def _known_template(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("tokenizer", *BUILTIN):
             return value
+        if value.endswith(".json"):  # a file: relative to the recipe, like any input path
+            return str(resolve_input_path(Path(value), info))
         raise ValueError(f"unknown chat template {value!r}: use 'tokenizer', one of "
                          f"{', '.join(BUILTIN)}, or the path of a chat_template.json")
 
@@ -238,14 +241,8 @@ class PerMessageStepConfig:
 
 def chat_pipeline(configs: list[StepConfig]) -> list[StepConfig]:
     """The cleaning pipeline for conversations: rewriting steps per message."""
-    out = []
-    for config in configs:
-        name = getattr(config, "step")
-        if name in JUDGING_STEPS_REFUSED:
-            raise HeloxError(f"the {name} step does not apply to conversations",
-                             hint="remove it from data.pipeline for a chat dataset")
-        out.append(PerMessageStepConfig(config) if name in REWRITING_STEPS else config)
-    return out
+    return [PerMessageStepConfig(config) if getattr(config, "step") in REWRITING_STEPS
+            else config for config in configs]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,7 +131,22 @@ def print_show(console: Console, dataset: DatasetVersion) -> None:
                       f"documents, {len(info['shards'])} shard(s); tokens by domain: "
                       f"{_counts(info.get('domain_tokens', {}), ', ')}", markup=False,
                       soft_wrap=True)
+    _print_chat(console, dataset.chat)
     print_report(console, dataset)
     record = quarantine_record(dataset.path)
     if record:
         console.print(f"[red]quarantined[/]: {', '.join(record['bad_files'])}")
+
+
+def _print_chat(console: Console, chat: dict | None) -> None:
+    """A chat or preference dataset's template, trained tokens and packing, per split."""
+    if chat is None:
+        return
+    console.print(f"{chat.get('kind', 'chat')}: template {chat['template']}, trains "
+                  f"{chat['train_on']}, rows of {chat['row_tokens']:,} tokens", markup=False)
+    for split, domains in chat["splits"].items():
+        for domain, stats in domains.items():
+            console.print(f"{split} {domain}: {stats['conversations']:,} in {stats['rows']:,} "
+                          f"rows, {stats['truncated']:,} too long, {stats['trained_tokens']:,} "
+                          f"trained of {stats['tokens']:,} tokens, {stats['padding_tokens']:,} "
+                          "padding", markup=False, soft_wrap=True)

@@ -209,7 +209,10 @@ def _decode(data: bytes, stats: StepStats, where: str, path: Path) -> str | None
         return None
 
 
-def _read_jsonl(source: SourceConfig, path: Path, stats: StepStats) -> Iterator[Document]:
+def _jsonl_lines(source: SourceConfig, path: Path, stats: StepStats,
+                 ) -> Iterator[tuple[str, str]]:
+    """(where, text) of every non-blank line of a JSONL file; an over-long line, invalid
+    UTF-8, a binary or an empty file are counted in `stats` instead."""
     with open_binary(path) as f:
         empty = True
         for line_no, raw in enumerate(_lines(f, source.max_document_bytes), start=1):
@@ -224,45 +227,40 @@ def _read_jsonl(source: SourceConfig, path: Path, stats: StepStats) -> Iterator[
             if line_no == 1 and _looks_binary(raw[:BINARY_SNIFF_BYTES]):
                 return _problem(stats, str(path), path, "binary_file")
             line = _decode(raw, stats, where, path)
-            record = None if line is None else _parse_record(line, source, where, path, stats)
-            if record is not None:
-                stats.docs_in += 1
-                yield _record_document(record, source, path, f"{path.name}:{line_no}")
+            if line is not None:
+                yield where, line
     if empty:
         _problem(stats, str(path), path, "empty_file")
+
+
+def _read_jsonl(source: SourceConfig, path: Path, stats: StepStats) -> Iterator[Document]:
+    for where, line in _jsonl_lines(source, path, stats):
+        record = _parse_record(line, source, where, path, stats)
+        if record is not None:
+            stats.docs_in += 1
+            yield _record_document(record, source, path, f"{path.name}:{_line_of(where)}")
 
 
 def _read_chat(source: SourceConfig, path: Path, stats: StepStats) -> Iterator[Document]:
     """Conversations (or prompt/completion pairs, or with `format: preference` preference
     pairs), one per line; a document's id is `file:line`."""
     parse = parse_preference_record if source.format == "preference" else parse_chat_record
-    with open_binary(path) as f:
-        empty = True
-        for line_no, raw in enumerate(_lines(f, source.max_document_bytes), start=1):
-            empty = False
-            where = f"{path}:{line_no}"
-            if raw is None:
-                _problem(stats, where, path, "too_large",
-                         f"line longer than {source.max_document_bytes} bytes")
-                continue
-            if not raw.strip():
-                continue
-            line = _decode(raw, stats, where, path)
-            if line is None:
-                continue
-            try:
-                conversation = parse(json.loads(line))
-            except json.JSONDecodeError as exc:
-                _problem(stats, where, path, "malformed_json", f"{exc.msg} at column {exc.colno}")
-                continue
-            except ValueError as exc:
-                _problem(stats, where, path, "not_a_conversation", str(exc))
-                continue
-            stats.docs_in += 1
-            yield chat_document(conversation, f"{path.name}:{line_no}",
-                                source.domain or DEFAULT_DOMAIN, str(path))
-    if empty:
-        _problem(stats, str(path), path, "empty_file")
+    for where, line in _jsonl_lines(source, path, stats):
+        try:
+            conversation = parse(json.loads(line))
+        except json.JSONDecodeError as exc:
+            _problem(stats, where, path, "malformed_json", f"{exc.msg} at column {exc.colno}")
+            continue
+        except ValueError as exc:
+            _problem(stats, where, path, "not_a_conversation", str(exc))
+            continue
+        stats.docs_in += 1
+        yield chat_document(conversation, f"{path.name}:{_line_of(where)}",
+                            source.domain or DEFAULT_DOMAIN, str(path))
+
+
+def _line_of(where: str) -> str:
+    return where.rpartition(":")[2]
 
 
 def _lines(f: IO[bytes], max_bytes: int) -> Iterator[bytes | None]:

@@ -147,7 +147,7 @@ def spike_on_one_rank(mode: str, reduce: bool, steps: int = 6, spike_at: int = 3
     for step in range(steps):
         step_now[0] = step
         run.steps(batches, range(step, step + 1), loss_fn=spiky,
-                  gate=lambda terms, _norm: "loss_spike" if terms["total"] > limit else None)
+                  gate=lambda loss, _norm: "loss_spike" if loss > limit else None)
     return run.result()
 
 

@@ -194,18 +194,21 @@ def print_plan(console: Console, plan: dict) -> None:
     table = Table(title=f"{plan['name']}: {plan['precision']} on {plan['device']}")
     table.add_column("module", no_wrap=True)
     table.add_column("type")
+    frozen = plan["frozen_params"] > 0  # a LoRA run: say what trains
     table.add_column("params", justify="right")
-    table.add_column("trainable", justify="right")
+    if frozen:
+        table.add_column("trainable", justify="right")
     table.add_column("compute")
     table.add_column("checkpointed")
     for layer in plan["layers"]:
-        table.add_row(layer["module"], layer["type"], f"{layer['params']:,}",
-                      f"{layer['trainable']:,}", layer["compute"],
-                      "yes" if layer["checkpointed"] else "")
+        trainable = [f"{layer['trainable']:,}"] if frozen else []
+        table.add_row(layer["module"], layer["type"], f"{layer['params']:,}", *trainable,
+                      layer["compute"], "yes" if layer["checkpointed"] else "")
     console.print(table)
     weights, state = plan["weights_bytes"], plan["optimizer_state_bytes"]
-    console.print(f"{plan['num_params']:,} parameters ({plan['trainable_params']:,} trainable, "
-                  f"{plan['frozen_params']:,} frozen); weights {_gib(weights)} + gradients "
+    split = f" ({plan['trainable_params']:,} trainable, {plan['frozen_params']:,} frozen)" \
+        if frozen else ""
+    console.print(f"{plan['num_params']:,} parameters{split}; weights {_gib(weights)} + gradients "
                   f"{_gib(plan['gradients_bytes'])} + {plan['optimizer']} state {_gib(state)} "
                   f"= {_gib(weights + plan['gradients_bytes'] + state)} before activations; "
                   f"{plan['checkpointed_blocks']} of {plan['blocks']} blocks checkpointed",
