@@ -76,7 +76,7 @@ def test_the_scorer_tells_malformed_wrong_tool_and_wrong_arguments_apart():
 
 
 def test_the_shipped_set_is_the_generators_and_the_suite_loads(tmp_path):
-    """src/helox/evals/tool-use/ holds what scripts/build_tool_use.py writes."""
+    """src/helox/evals/tool-use/ holds what scripts/build_chat_sets.py writes."""
     from helox.eval.suite import load_suite
     from helox.resources import suites_dir
 
@@ -88,7 +88,7 @@ def test_the_shipped_set_is_the_generators_and_the_suite_loads(tmp_path):
 
 
 def test_the_shipped_parity_set_is_what_its_builder_writes(tmp_path):
-    """src/helox/evals/parity/ holds what scripts/build_parity.py writes; the splits share no
+    """src/helox/evals/parity/ holds what scripts/build_chat_sets.py writes; the splits share no
     number and are balanced."""
     shipped = Path(__file__).resolve().parents[2] / "src" / "helox" / "evals" / "parity"
     for path in write_parity_set(tmp_path):

@@ -49,8 +49,10 @@ def packed_probe(rows: int = 2) -> MicroBatch:
 # The Llama refactor and the materialised attention
 
 
-def reference_attention_forward(self, x_BTD, cos_TE, sin_TE, mask_B1TT=None):
-    """Attention.forward as it was before `heads` and `attention_probs` were factored out."""
+def reference_attention_forward(self, x_BTD, cos_TE, sin_TE, mask_B1TT=None, cache=None):
+    """Attention.forward as it was before `heads` and `attention_probs` were factored out (and
+    the KV cache added: the uncached forward is compared, so `cache` is always None here)."""
+    assert cache is None
     B, T, _ = x_BTD.shape
     q_BHTE = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
     k_BKTE = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)

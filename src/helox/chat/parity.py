@@ -6,7 +6,7 @@ the two words), so the held-out preference accuracy shows whether DPO taught the
     {"prompt": "Is 4821 even or odd? Answer with one word.", "chosen": "Odd.",
      "rejected": "Even."}
 
-`write_parity_set` writes the shipped files (helox/evals/parity/, by scripts/build_parity.py):
+`write_parity_set` writes the shipped files (helox/evals/parity/, by scripts/build_chat_sets.py):
 the pairs and the `parity` eval suite's items.
 """
 

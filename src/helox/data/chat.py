@@ -11,9 +11,9 @@ conversation is counted and skipped, like any bad line of a source; its id is `f
 conversation the template later cannot render is an error naming its line.
 
 Cleaning: the steps that rewrite text (normalize, pii, secrets) run on every message content and
-every tool call's arguments on their own, so a placeholder never crosses a message boundary and
-the structure survives; the steps that judge a whole document (quality, dedup, contamination,
-domain tags) see the conversation's text, its contents joined by blank lines.
+every tool call's arguments on their own, so a replacement (`<EMAIL>`, ...) never spans two
+messages and the structure survives; the steps that judge a whole document (quality, dedup,
+contamination, domain tags) see the conversation's text, its contents joined by blank lines.
 
 Packing (`pack_conversations`): a conversation and its end-of-document token go whole into a row
 of `row_tokens` tokens; when the next does not fit, the row is filled with end-of-document
@@ -126,8 +126,7 @@ def parse_preference_record(record: dict) -> Conversation:
         preference = Preference.model_validate(record)
         chosen, rejected = preference.conversations()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ValueError(_first_problem(exc)) from None
     return Conversation(messages=[*chosen.messages, rejected.messages[-1]], tools=chosen.tools,
                         id=preference.id)
 
@@ -149,9 +148,14 @@ def parse_chat_record(record: dict) -> Conversation:
         if "prompt" in record:
             return CompletionRecord.model_validate(record).conversation()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ValueError(_first_problem(exc)) from None
     raise ValueError("expected `messages`, or `prompt` and `completion`")
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """What is wrong with a record, for the `read` step's removal list (one line)."""
+    first = exc.errors()[0]
+    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
 def chat_document(conversation: Conversation, doc_id: str, domain: str, source: str,

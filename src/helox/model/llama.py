@@ -183,9 +183,7 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
                 mask_B1TT: torch.Tensor | None = None, cache: LayerCache | None = None):
-        normed_BTD = self.attn_norm(x_BTD)
-        x_BTD = x_BTD + (self.attn(normed_BTD, cos_TE, sin_TE, mask_B1TT) if cache is None
-                         else self.attn(normed_BTD, cos_TE, sin_TE, mask_B1TT, cache=cache))
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TE, sin_TE, mask_B1TT, cache)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 

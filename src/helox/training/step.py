@@ -140,8 +140,12 @@ def train_step(loss_fn: LossFn, model: nn.Module, optimizer: torch.optim.Optimiz
     """
     scaler = scaler if scaler is not None and scaler.is_enabled() else None
     weights = weights or {"lm": 1.0}
-    num_targets = divisor(batches) if divisor is not None else \
-        trained_targets(batches, group if masked else None)
+    if divisor is not None:
+        num_targets = divisor(batches)
+    elif masked:
+        num_targets = trained_targets(batches, group)
+    else:  # every target is trained, and every rank holds as many
+        num_targets = sum(batch.targets.numel() for batch in batches)
     totals: dict[str, torch.Tensor] = {}
     for batch in batches:
         sums = loss_fn(batch)
