@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from helox.data.prepare import prepare_dataset
+from helox.testing.redis import NO_REDIS, RedisServer, find_redis_server
 from helox.testing.tiny import CORPUS, tiny_config, tiny_mixed_config
 
 # helox.testing.skips: `gpu` tests skip without CUDA; a skip for any other reason fails a
@@ -62,3 +63,21 @@ def smollm2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2")
     hf.save_pretrained(folder)
     return hf, Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test's own on a free loopback port (skips, saying how to
+    install it, where there is none: a failure under HELOX_STRICT_SKIPS=1)."""
+    if find_redis_server() is None:
+        pytest.skip(NO_REDIS)
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()

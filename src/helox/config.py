@@ -39,6 +39,7 @@ from helox.finetune.lora import LoraTrainConfig
 from helox.model.config import ModelConfig
 from helox.model.generate import SampleConfig
 from helox.observe.config import ObserveConfig
+from helox.platform import ReleaseConfig
 from helox.training.config import TrainConfig
 from helox.training.faults import FaultConfig
 from helox.training.optim import OptimConfig
@@ -101,6 +102,9 @@ class RunConfig(StrictModel):
     """Faults injected on purpose (tests, runbook drills)."""
     sample: SampleConfig = SampleConfig()
     """Text samples printed by `helox run`."""
+    release: ReleaseConfig | None = None
+    """What `helox run` does after training: evaluate, export, parity, register, promote
+    (helox/release.py); null stops after training."""
     watermark: WatermarkConfig | None = None
     """A functional watermark trained in by the objective "watermark" (both or neither)."""
     dpo: DpoRunConfig | None = None

@@ -1,4 +1,5 @@
-"""`helox run`, the main job on one recipe: data → tokenizer → shards → train → samples."""
+"""`helox run`, the main job on one recipe: data → tokenizer → shards → train → samples, then
+the recipe's `release` stages (evaluate → export → parity → register → promote)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from helox.data.shards import DatasetVersion
 from helox.distributed.job import Job, from_main
 from helox.observe.metrics import read_metrics
 from helox.observe.report import write_report
+from helox.release import ReleaseSummary, release
 from helox.training.loop import TrainResult, train
 
 
@@ -62,6 +64,7 @@ class RunSummary:
     result: TrainResult
     samples: list[tuple[str, str]]
     val_loss: float | None
+    release: ReleaseSummary | None = None
 
     @property
     def unigram_entropy(self) -> float:
@@ -83,7 +86,8 @@ class RunSummary:
                 "run_dir": str(self.result.run_dir), "step": self.result.step,
                 "checkpoints": [str(p) for p in list_checkpoints(self.result.run_dir)],
                 "val_loss": self.val_loss, "unigram_entropy": self.unigram_entropy,
-                "samples": [{"prompt": p, "completion": t} for p, t in self.samples]}
+                "samples": [{"prompt": p, "completion": t} for p, t in self.samples],
+                "release": self.release.as_dict() if self.release else None}
 
 
 def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> RunSummary | None:
@@ -97,7 +101,11 @@ def run_recipe(config: RunConfig, run_dir: Path, console: Console) -> RunSummary
     write_report(result.run_dir)
     val_losses = [m["val_loss"] for m in read_metrics(result.run_dir / "metrics.jsonl")
                   if "val_loss" in m]
-    return RunSummary(dataset, result, samples, val_losses[-1] if val_losses else None)
+    summary = RunSummary(dataset, result, samples, val_losses[-1] if val_losses else None)
+    if config.release is not None:
+        summary.release = release(config.release, list_checkpoints(result.run_dir)[0],
+                                  config.workspace, console)
+    return summary
 
 
 def sample_texts(result: TrainResult, config: RunConfig) -> list[tuple[str, str]]:
@@ -115,10 +123,33 @@ def print_summary(console: Console, summary: RunSummary) -> None:
     if summary.val_loss is not None:
         rows.append(("validation loss", f"{summary.val_loss:.3f} nats/token (unigram entropy "
                                         f"of the training tokens: {summary.unigram_entropy:.3f})"))
-    run_dir = summary.result.run_dir
-    rows += [("evaluate", f"helox eval {run_dir} --suite quickstart"),
-             ("export", f"helox export {run_dir} --format hf   (or onnx, gguf --type Q8_0)"),
-             ("check exports", f"helox parity {run_dir}")]
+    rows += _next_steps(summary)
     console.rule("artifacts")
     for label, value in rows:  # one line each, never wrapped, so paths can be copied
         console.print(f"{label:<16} {value}", soft_wrap=True, markup=False, highlight=False)
+
+
+def _next_steps(summary: RunSummary) -> list[tuple[str, str]]:
+    run_dir, done = summary.result.run_dir, summary.release
+    if done is None:
+        return [("evaluate", f"helox eval {run_dir} --suite quickstart"),
+                ("export", f"helox export {run_dir} --format hf   (or onnx, gguf --type Q8_0)"),
+                ("check exports", f"helox parity {run_dir}")]
+    rows = [("eval results", str(done.eval_folder)),
+            *((f"export {name}", str(path)) for name, path in done.exports.items())]
+    if done.parity is not None:
+        rows.append(("parity", str(done.parity)))
+    if done.registered is None:
+        return rows
+    info = done.registered
+    alias = done.promoted_to or "dev"
+    workspace = f" -w {done.workspace}" if done.workspace != Path("workspace") else ""
+    return rows + [
+        ("registered", f"{info.uri}  (helox registry show {info.name} @{alias}{workspace})"),
+        ("serve", f"helox serve models:/{info.name}@{alias}{workspace} --port 8000"),
+        ("then ask it", "curl -s localhost:8000/v1/completions -H 'Content-Type: "
+                        "application/json' -d '{\"model\": \"" + info.name + "\", "
+                        "\"prompt\": \"And God said\", \"max_tokens\": 24}'"),
+        ("or in Python", "openai.OpenAI(base_url='http://localhost:8000/v1', api_key='-')"
+                         f".completions.create(model='{info.name}', prompt='ROMEO.', "
+                         "max_tokens=24)")]

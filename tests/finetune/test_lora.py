@@ -12,7 +12,8 @@ import pytest
 
 from helox.errors import HeloxError
 from helox.finetune.lora import (LoraConfig, apply_lora, load_adapter, lora_layers, merge_lora,
-                                 save_adapter, set_active, set_trainable)
+                                 only_active, per_row_adapters, remove_adapter, save_adapter,
+                                 set_active, set_trainable)
 from helox.model.config import ModelConfig
 from helox.model.hf import to_hf_config, to_hf_state_dict
 from helox.model.llama import Llama
@@ -138,3 +139,45 @@ def test_refusals_name_what_is_wrong(tmp_path):
     wider = Llama(CFG.model_copy(update={"d_model": 64})).eval()
     with pytest.raises(HeloxError, match="has shape .* the model's layer wants"):
         load_adapter(wider, tmp_path / "adapter")
+
+
+def test_per_row_adapters_give_each_row_its_own_adapters_output():
+    """One batch whose rows use the base, adapter a, adapter b (which targets other layers)
+    and a again: each row's logits are what the model gives that row alone with only its
+    adapter active, whatever `active` says meanwhile."""
+    model = base_model()
+    apply_lora(model, LORA, "a")
+    apply_lora(model, LoraConfig(rank=2, alpha=4, target_modules=["k_proj", "up_proj"]), "b")
+    randomize_adapters(model, 6)
+    rows = [None, "a", "b", "a"]
+    tokens = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with per_row_adapters(model, rows):
+            mixed = model(tokens)
+        for row, name in enumerate(rows):
+            with only_active(model, [] if name is None else [name]):
+                torch.testing.assert_close(mixed[row], model(tokens[row:row + 1])[0],
+                                           rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mixed[0], mixed[1], atol=1e-4)
+    assert all(layer.row_adapters is None for layer in lora_layers(model).values())
+    with pytest.raises(HeloxError, match="no adapter named 'c'"):
+        with per_row_adapters(model, ["c"]):
+            pass
+
+
+def test_removing_every_adapter_gives_back_the_plain_base():
+    model = base_model()
+    with torch.no_grad():
+        before = model(TOKENS)
+    apply_lora(model, LORA, "a")
+    apply_lora(model, LORA, "b")
+    randomize_adapters(model, 7)
+    remove_adapter(model, "a")
+    assert all(list(layer.lora_A) == ["b"] for layer in lora_layers(model).values())
+    remove_adapter(model, "b")
+    assert not lora_layers(model)
+    assert set(model.state_dict()) == set(Llama(CFG).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), before, rtol=0, atol=0)
+    with pytest.raises(HeloxError, match="no adapter named 'a'"):
+        remove_adapter(model, "a")

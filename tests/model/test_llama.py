@@ -85,3 +85,51 @@ def test_cached_greedy_decoding_is_the_recomputed_one():
         expected.append(next_id)
         context.append(next_id)
     assert generate(model, [1, 2, 3], 8, temperature=0, top_k=None) == expected
+
+
+def test_batched_decoding_gives_each_rows_unbatched_cached_logits():
+    """Prompts of different lengths prefilled into rows of one BatchKVCache, then decoded one
+    token per row per forward, each at its own position: every row's logits are what the
+    single-sequence cached forward gives (fp32, 1e-5). A row that finishes is replaced by
+    the last row (compaction) and a new prompt joins mid-flight; the others do not notice."""
+    from helox.model.llama import BatchKVCache, KVCache
+
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    streams = [torch.randint(0, 97, (1, n), generator=generator) for n in (14, 5, 9, 20, 7)]
+    prompt_lengths = [6, 2, 4, 11, 3]
+    expected = []
+    for tokens, prompt in zip(streams, prompt_lengths):
+        cache = KVCache(model.cfg, 1, 24, torch.device("cpu"), torch.float32)
+        first = model(tokens[:, :prompt], cache=cache)[:, -1:]
+        rest = [model(tokens[:, t:t + 1], cache=cache) for t in range(prompt, tokens.shape[1])]
+        expected.append(torch.cat([first, *rest], dim=1)[0])
+    batch = BatchKVCache(model.cfg, 4, 24, torch.device("cpu"), torch.float32)
+    rows, got = [], {i: [] for i in range(5)}
+
+    def admit(stream):
+        row = len(rows)
+        prompt = prompt_lengths[stream]
+        logits = model(streams[stream][:, :prompt], cache=batch.rows(row, 1))
+        batch.set_length(row, prompt)
+        rows.append(stream)
+        got[stream].append(logits[0, -1])
+
+    for stream in range(4):
+        admit(stream)
+    while rows:
+        tokens_B1 = torch.tensor([[streams[s][0, batch.lengths[r]].item()]
+                                  for r, s in enumerate(rows)])
+        logits_B1V = model.decode(tokens_B1, batch)
+        for row, stream in enumerate(rows):
+            got[stream].append(logits_B1V[row, 0])
+        for row in reversed(range(len(rows))):  # finished rows leave; the last moves in
+            if batch.lengths[row] == streams[rows[row]].shape[1]:
+                batch.move_row(len(rows) - 1, row)
+                rows[row] = rows[-1]
+                rows.pop()
+        if not got[4] and len(rows) < 4:  # joins once the shortest has left
+            admit(4)
+    for stream in range(5):
+        torch.testing.assert_close(torch.stack(got[stream]), expected[stream], atol=1e-5,
+                                   rtol=0)

@@ -24,7 +24,7 @@ QUICK = ["--set", "train.max_steps=3", "--set", "optim.warmup_steps=1",
          "--set", "train.compile=false", "--set", "data.train.0.max_documents=150",
          "--set", "data.val.0.max_documents=20", "--set", "train.eval_every_steps=3",
          "--set", "checkpoint.every_steps=3", "--set", "data.num_workers=1",
-         "--set", "sample.max_new_tokens=4"]
+         "--set", "sample.max_new_tokens=4", "--set", "release.promote_to=null"]
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +78,11 @@ def test_run_eval_export_and_import_from_a_temporary_folder(installed, tmp_path)
     run_dir = tmp_path / "workspace" / "runs" / "quickstart"
     assert summary["step"] == 3 and Path(summary["run_dir"]) == Path("workspace/runs/quickstart")
     assert (run_dir / "checkpoints" / "step-00000003").is_dir()
+    # The release stages ran from the wheel: a 3-step model fails the suite's thresholds (so
+    # it is not promoted: promote_to is null) but is exported and registered at dev.
+    release = summary["release"]
+    assert release["eval"]["passed"] is False and release["registered"] == "models:/quickstart/1"
+    assert set(release["exports"]) == {"hf", "gguf"}
     # A 3-step model fails the suite's thresholds (exit 1); the results are written either way.
     evaluated = json.loads(run([helox, "eval", run_dir, "--suite", "quickstart", "--json"],
                                cwd=tmp_path, ok_codes=(0, 1)).stdout)

@@ -20,6 +20,8 @@ Rules:
   before the error is raised. An ACL change is logged first and then applied to acl.json by the
   same function (`_apply`) that `AuditLog.verify` uses to replay the log, so acl.json is a cache
   of the log and an edit made to it by hand shows up as a difference.
+- The model registry (helox.registry) appends its changes to the same log: registrations,
+  promotions, refused promotions and rollbacks, under the subject `models/<name>`.
 
 Limits: this is accountability between colleagues sharing a workspace, not a security boundary
 against someone who can write the governance folder. Whoever rewrites the log, the anchor and
@@ -50,7 +52,10 @@ PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9._@-]+$")
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 EVERYONE = "*"
 PERMISSIONS = ("read", "write")
-ACTIONS = ("read", "write", "grant", "revoke", "transfer", "deny")
+ACTIONS = ("read", "write", "grant", "revoke", "transfer", "deny",
+           "register", "promote", "refuse", "rollback")
+"""Dataset access, then the model registry's changes (helox.registry.store), whose entries
+name the subject `models/<name>` in the `dataset` field."""
 GENESIS_HASH = "0" * 64
 ACL_FORMAT = 1
 ENTRY_KEYS = frozenset({"seq", "time", "principal", "action", "dataset", "version", "details",

@@ -214,6 +214,7 @@ def train_mode_logits(model: torch.nn.Module) -> Logits:
 
 def transformers_logits(folder: Path) -> Logits:
     transformers = require_transformers()
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar, per load
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, dtype=torch.float32).eval()
 

@@ -20,7 +20,7 @@ import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from pydantic import Field, field_validator
@@ -93,6 +93,9 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active: list[str] = []
         """The adapters whose deltas are added, in order."""
+        self.row_adapters: dict[str, torch.Tensor] | None = None
+        """Serving a batch that mixes adapters (`per_row_adapters`): adapter name → the batch
+        rows (a 1-D index tensor) it applies to; `active` is then not used."""
         base_layer.requires_grad_(False)
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
@@ -110,10 +113,30 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.row_adapters is not None:
+            return self._add_row_deltas(x, y)
         for name in self.active:
             delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
             y = y + delta * self.scaling[name]
         return y
+
+    def _add_row_deltas(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The base output for every row plus, for each adapter, scaling · B A x on its own
+        rows only (the rows of one adapter gathered into one matmul: punica's and S-LoRA's
+        grouping, written simply with index_select and an accumulating index_put)."""
+        for name, rows_R in self.row_adapters.items():
+            if name not in self.lora_A:
+                continue  # this adapter does not target this layer
+            x_R = x.index_select(0, rows_R)
+            delta_R = self.lora_B[name](self.lora_A[name](x_R)) * self.scaling[name]
+            y = y.index_put((rows_R,), delta_R.to(y.dtype), accumulate=True)
+        return y
+
+    def remove_adapter(self, name: str) -> None:
+        for part in (self.lora_A, self.lora_B, self.lora_dropout):
+            del part[name]
+        del self.scaling[name]
+        self.active = [active for active in self.active if active != name]
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer applies: the base's plus every active adapter's delta."""
@@ -219,6 +242,50 @@ def only_active(model: nn.Module, names: list[str]) -> Iterator[None]:
     finally:
         for path, layer in layers.items():
             layer.active = saved[path]
+
+
+@contextmanager
+def per_row_adapters(model: nn.Module, row_names: Sequence[str | None]) -> Iterator[None]:
+    """Run a batch whose row i gets adapter `row_names[i]`'s delta (None: the base alone),
+    whatever `active` says; then as before. How a server batches requests for different
+    adapters of one base."""
+    layers = lora_layers(model)
+    known = {name for layer in layers.values() for name in layer.lora_A}
+    unknown = sorted({name for name in row_names if name is not None} - known)
+    if unknown:
+        raise HeloxError(f"no adapter named {', '.join(map(repr, unknown))} is loaded",
+                         hint=f"load it first; loaded: {sorted(known) or 'none'}")
+    if not layers:
+        yield
+        return
+    device = next(iter(layers.values())).base_layer.weight.device
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(row_names):
+        if name is not None:
+            groups.setdefault(name, []).append(row)
+    rows = {name: torch.tensor(indices, device=device) for name, indices in groups.items()}
+    for layer in layers.values():
+        layer.row_adapters = rows
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_adapters = None
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter `name` from every layer; a layer left without adapters is unwrapped (the
+    plain `nn.Linear` again), so removing every adapter gives back the base model."""
+    found = False
+    for path, layer in lora_layers(model).items():
+        if name in layer.lora_A:
+            layer.remove_adapter(name)
+            found = True
+        if not layer.lora_A:
+            _replace(model, path, layer.base_layer)
+    if not found:
+        raise HeloxError(f"the model has no adapter named {name!r}",
+                         hint="name one of the adapters that were loaded")
 
 
 def set_trainable(model: nn.Module, names: list[str]) -> None:

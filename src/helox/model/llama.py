@@ -57,10 +57,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
-                mask_B1TT: torch.Tensor | None = None, cache: LayerCache | None = None):
+                mask_B1TT: torch.Tensor | None = None,
+                cache: LayerCache | DecodeLayerCache | None = None):
         """cos/sin are (T, E), or (B, 1, T, E) with per-sequence positions; mask_B1TT (True =
         attend) replaces the causal mask when given. With a `cache`, x holds the tokens after
-        the cached ones: their keys and values are added to it and they attend to all."""
+        the cached ones: their keys and values are added to it and they attend to all (a
+        `DecodeLayerCache`: one token per row, at the row's position, under its row's mask)."""
         B, T, _ = x_BTD.shape
         if cache is None:
             q_BHTE, k_BHTE, v_BHTE = self.heads(x_BTD, cos_TE, sin_TE)
@@ -150,8 +152,76 @@ class KVCache:
         self.v_LBKTE = torch.empty(shape, device=device, dtype=dtype)
         self.max_tokens, self.length = max_tokens, 0
 
+    @classmethod
+    def over(cls, k_LBKTE: torch.Tensor, v_LBKTE: torch.Tensor) -> KVCache:
+        """An empty cache that writes into existing storage: some rows of a `BatchKVCache`,
+        so that a prompt is prefilled in place by the ordinary cached forward."""
+        cache = cls.__new__(cls)
+        cache.k_LBKTE, cache.v_LBKTE = k_LBKTE, v_LBKTE
+        cache.max_tokens, cache.length = k_LBKTE.shape[3], 0
+        return cache
+
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)
+
+
+class BatchKVCache:
+    """The keys and values of up to `max_rows` independent sequences, each at its own length
+    (a server's continuous batch): one preallocated (L, B, K, T, E) pair, rows 0..n-1 in use,
+    `lengths[row]` tokens filled in each. A row is prefilled through `rows()` and then grows
+    one token per `Llama.decode`, which masks every key past a row's length, so a freed row
+    is reused without clearing. Zero-filled: masked keys and values must be finite, as SDPA
+    adds the mask to q·k and multiplies the values by the (zero) weights (0 · NaN is NaN)."""
+
+    def __init__(self, cfg: ModelConfig, max_rows: int, max_tokens: int, device: torch.device,
+                 dtype: torch.dtype):
+        shape = (cfg.num_layers, max_rows, cfg.kv_heads, max_tokens, cfg.head_dim)
+        self.k_LBKTE = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_LBKTE = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.lengths = [0] * max_rows
+
+    def rows(self, start: int, count: int) -> KVCache:
+        """Rows start..start+count-1 as an empty `KVCache` (a view): prefill them with
+        `model(tokens, cache=...)`, then `set_length` each."""
+        return KVCache.over(self.k_LBKTE[:, start:start + count],
+                            self.v_LBKTE[:, start:start + count])
+
+    def set_length(self, row: int, length: int) -> None:
+        self.lengths[row] = length
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source`'s filled keys and values (and length) to row `target`: how a
+        server keeps its active rows at 0..n-1 when one in the middle finishes."""
+        end = self.lengths[source]
+        self.k_LBKTE[:, target, :, :end] = self.k_LBKTE[:, source, :, :end]
+        self.v_LBKTE[:, target, :, :end] = self.v_LBKTE[:, source, :, :end]
+        self.lengths[target] = end
+
+
+class DecodeLayerCache:
+    """One layer's view of a `BatchKVCache` during `Llama.decode` of its first B rows: each
+    row's new key and value go at that row's own position."""
+
+    def __init__(self, cache: BatchKVCache, layer: int, positions_B: torch.Tensor,
+                 mask_B11T: torch.Tensor):
+        self.cache, self.layer = cache, layer
+        self.positions_B, self.mask_B11T = positions_B, mask_B11T
+
+    def append(self, k_BK1E: torch.Tensor, v_BK1E: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new key and value; return keys and values (B, K, T, E) up to the
+        longest row (what is past a shorter row's length is masked)."""
+        B, num_keys = k_BK1E.shape[0], self.mask_B11T.shape[-1]
+        rows_B = torch.arange(B, device=k_BK1E.device)
+        k_BKTE = self.cache.k_LBKTE[self.layer, :B]
+        v_BKTE = self.cache.v_LBKTE[self.layer, :B]
+        k_BKTE[rows_B, :, self.positions_B] = k_BK1E[:, :, 0]
+        v_BKTE[rows_B, :, self.positions_B] = v_BK1E[:, :, 0]
+        return k_BKTE[:, :, :num_keys], v_BKTE[:, :, :num_keys]
+
+    def mask(self, T: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+        return self.mask_B11T, False
 
 
 def document_mask(doc_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -182,7 +252,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
-                mask_B1TT: torch.Tensor | None = None, cache: LayerCache | None = None):
+                mask_B1TT: torch.Tensor | None = None,
+                cache: LayerCache | DecodeLayerCache | None = None):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TE, sin_TE, mask_B1TT, cache)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
@@ -275,4 +346,26 @@ class Llama(nn.Module):
         for i, block in enumerate(self.blocks):
             x_BTD = block(x_BTD, cos, sin, None, cache.layer(i))
         cache.length = start + T
+        return self.lm_head(self.norm(x_BTD))
+
+    def decode(self, tokens_B1: torch.Tensor, cache: BatchKVCache) -> torch.Tensor:
+        """Next-token logits (B, 1, V) for one new token per row of the first B rows of a
+        `BatchKVCache`, each at its own position (the row's length: RoPE per row) and
+        attending to its own row's keys only; their keys and values are added."""
+        B = tokens_B1.shape[0]
+        lengths = cache.lengths[:B]
+        limit = min(cache.max_tokens, self.cfg.max_seq_len)
+        if max(lengths) >= limit:
+            raise ValueError(f"a row of {max(lengths)} cached tokens is full (limit {limit})")
+        positions_B = torch.tensor(lengths, device=tokens_B1.device)
+        cos_B11E, sin_B11E = self.rope_cos[positions_B, None, None], \
+            self.rope_sin[positions_B, None, None]
+        keys_T = torch.arange(max(lengths) + 1, device=tokens_B1.device)
+        mask_B11T = (keys_T[None, :] <= positions_B[:, None])[:, None, None]
+        x_BTD = self.embed(tokens_B1)
+        for i, block in enumerate(self.blocks):
+            layer_cache = DecodeLayerCache(cache, i, positions_B, mask_B11T)
+            x_BTD = block(x_BTD, cos_B11E, sin_B11E, None, layer_cache)
+        for row in range(B):
+            cache.lengths[row] += 1
         return self.lm_head(self.norm(x_BTD))

@@ -32,6 +32,7 @@ from helox.errors import HeloxError
 from helox.eval.lm import LanguageModel, helox_forward
 from helox.eval.runner import check_contamination, prepare_tasks, run_suite
 from helox.eval.suite import LoadedSuite, load_suite, subset
+from helox.events import TrainingEvents, open_training_events
 from helox.hardware import matmul_flops_per_s, memory_mib
 from helox.model.llama import Llama
 from helox.finetune.dpo import Reference, make_dpo_loss_fn
@@ -40,6 +41,7 @@ from helox.observe.health import Alert, HealthMonitor
 from helox.observe.metrics import MetricsLog, StepProgress, truncate_after_step
 from helox.observe.probes import Telemetry, probe_batches, unigram_counts
 from helox.observe.sinks import Sinks, open_sinks
+from helox.platform import load_platform
 from helox.repro import rng_state, run_fingerprint, seed_everything, set_rng_state
 from helox.training.evaluator import Evaluator
 from helox.training.faults import FaultInjector
@@ -77,16 +79,17 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
           console: Console | None = None) -> TrainResult:
     """Train (or resume) the run in `run_dir` up to train.max_steps, or `until_step` if given
     (the schedule still targets max_steps, as when a job is preempted). SIGTERM or SIGINT
-    finishes the current step, checkpoints and returns (`stopped_by`)."""
+    finishes the current step, checkpoints and returns (`stopped_by`). The platform hears of
+    the run through WORKSPACE's event outbox (docs/events.md)."""
     trainer = Trainer(config, Path(run_dir), dataset, console or Console(stderr=True))
     try:
         with StopSignals() as signals:
             trainer.start(until_step)
             result = trainer.run(signals)
-    except BaseException:
-        trainer.close(failed=True)
+    except BaseException as exc:
+        trainer.close(error=exc)
         raise
-    trainer.close()
+    trainer.close(result)
     return result
 
 
@@ -171,6 +174,8 @@ class Trainer:
         self.init_record: dict | None = None
         self.metrics = self.events = self.telemetry_log = None
         self.sinks: Sinks | None = None
+        self.platform_events: TrainingEvents | None = None
+        """Rank 0's events for the platform (training-started, …), when there is work to do."""
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -272,6 +277,8 @@ class Trainer:
         self.last_save_time = time.monotonic()
         if self.job.main:
             self.open_logs()
+            if self.step < self.last_step:
+                self.open_platform_events()
             announce(self.console, self.model, self.device, self.precision, config, self.step,
                      self.last_step, self.loader, self.run_dir, self.job)
         barrier(self.job)  # the run's files exist before any rank goes on
@@ -293,6 +300,16 @@ class Trainer:
             self.console.print(f"{name}: {details}", soft_wrap=True, markup=False)
         if self.init_record is not None:
             self.event(self.init_record)
+
+    def open_platform_events(self) -> None:
+        """Rank 0's: the run's events for the platform, to the workspace's outbox and, with
+        events.redis_url in WORKSPACE/platform.yaml (or HELOX_EVENTS_REDIS_URL), to Redis."""
+        config = self.config
+        self.platform_events = open_training_events(
+            load_platform(config.workspace).events, config.workspace, config.name,
+            self.run_dir, self.run_info["fingerprint"], self.warn)
+        self.platform_events.started(self.step, config.train.max_steps, self.resumed_from,
+                                     self.dataset.version, self.run_info["config_sha256"])
 
     def build_loss_fns(self) -> None:
         """Evaluation stays eager (a second, no-grad graph would cost a compile) and scores
@@ -353,6 +370,7 @@ class Trainer:
                 outcome, tokens_per_s, stop_signal = self.train_one_step(signals)
                 self.faults.kill_if_due(self.step)
                 loss = outcome.loss
+                self.publish_progress(loss, tokens_per_s)
                 step_val_loss = self.evaluate_if_due()
                 self.sample_telemetry_if_due()
                 self.run_suite_if_due()
@@ -629,6 +647,8 @@ class Trainer:
             path = self.writer.save(snapshot,
                                     crash_halfway=self.faults.crash_during_save(self.step))
         self.last_save_time = time.monotonic()
+        if self.platform_events is not None:  # announced once on disk
+            self.platform_events.checkpoint_saving(self.step, path, val_loss)
         self.log({"step": self.step, "checkpoint": path.name,
                   "checkpoint_stall_s": round(self.writer.last_stall_s, 4)})
         return path
@@ -718,16 +738,52 @@ class Trainer:
         self.events.write(record)
         self.sinks.event(record)
 
+    def publish_progress(self, loss: float, tokens_per_s: float) -> None:
+        """Rank 0's: training-progress when due, and the checkpoints now on disk."""
+        if self.platform_events is not None:
+            self.platform_events.checkpoints_on_disk()
+            self.platform_events.progress(self.step, loss, tokens_per_s)
+
+    def publish_end(self, result: TrainResult | None, error: BaseException | None,
+                    saves_finished: bool) -> None:
+        """Rank 0's: the checkpoints the writer finished, then how the run ended (complete,
+        failed, or stopped early and resumable: helox/events/training.py), then a bounded
+        last delivery (what Redis did not take yet waits in the outbox)."""
+        events, self.platform_events = self.platform_events, None
+        if events is None:
+            return
+        if saves_finished:
+            events.checkpoints_written()
+        else:
+            events.checkpoints_on_disk()
+        if error is not None:
+            events.failed(self.step, error)
+        elif result.stopped_by or result.step < self.config.train.max_steps:
+            events.stopped(result.step, result.stopped_by or "until_step", result.last_loss,
+                           result.checkpoint)
+        else:
+            events.complete(result.step, result.last_loss, result.last_val_loss,
+                            result.checkpoint)
+        events.close()
+
     def warn(self, message: str) -> None:
         self.console.print("[yellow]warning:[/]", escape(message))
 
-    def close(self, failed: bool = False) -> None:
-        """Finish the save in flight (its folder exists once this returns), then the rest;
-        `failed`: the run ends with an exception (the sinks mark their runs failed)."""
-        if self.job.distributed:
-            self.writer.close(failed=failed)
-        else:
-            self.writer.close()
+    def close(self, result: TrainResult | None = None,
+              error: BaseException | None = None) -> None:
+        """Finish the save in flight (its folder exists once this returns), tell the platform
+        how the run ended, then close the rest; `error`: the run ends with that exception (the
+        sinks mark their runs failed, the platform hears training-failed)."""
+        failed = error is not None
+        try:
+            if self.job.distributed:
+                self.writer.close(failed=failed)
+            else:
+                self.writer.close()
+        except BaseException as exc:  # the last save failed, and with it the run
+            self.publish_end(None, error or exc, saves_finished=False)
+            raise
+        self.publish_end(result, error, saves_finished=True)
         if self.sinks is not None:
             self.sinks.close(failed=failed)
         for log in (self.metrics, self.events, self.telemetry_log):

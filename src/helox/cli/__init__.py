@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from helox.cli.common import (AnyModelArg, EmaOpt, JsonOpt, ModelArg, RecipeArg, RunDirOpt,
+                              SetOpt, WorkspaceOpt, console, emit, out, warn)
+from helox.cli.events import events_app
+from helox.cli.registry import registry_app
+from helox.cli.serve import serve
 from helox.errors import HeloxError
 
 if TYPE_CHECKING:
@@ -40,41 +44,9 @@ app.add_typer(provenance_app, name="provenance")
 checkpoint_app = typer.Typer(help="Checkpoints of a run.\n\nExample: helox checkpoint "
                                     "consolidate workspace/runs/quickstart", no_args_is_help=True)
 app.add_typer(checkpoint_app, name="checkpoint")
-
-out = Console(soft_wrap=True)
-"""Results: stdout."""
-console = Console(stderr=True)
-"""Progress, warnings and errors: stderr."""
-
-RecipeArg = Annotated[Path, typer.Argument(
-    help="A YAML recipe file, or the name of a bundled one (quickstart, mixture).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a config value, e.g. --set train.max_steps=50 (repeatable).")]
-RunDirOpt = Annotated[Optional[Path], typer.Option(
-    help="Run folder (default: <workspace>/runs/<name>). Holding checkpoints, it is resumed.")]
-ModelArg = Annotated[Path, typer.Argument(
-    metavar="MODEL", help="A run folder (its newest valid checkpoint) or one checkpoint folder.")]
-AnyModelArg = Annotated[Path, typer.Argument(
-    metavar="MODEL", help="A run folder (its newest valid checkpoint), one checkpoint folder, "
-                          "or an exported Hugging Face folder.")]
-JsonOpt = Annotated[bool, typer.Option(
-    "--json", help="Print the result as one JSON document on stdout (progress and warnings "
-                   "stay on stderr).")]
-EmaOpt = Annotated[bool, typer.Option(help="Use the weights' moving average (runs trained "
-                                            "with train.ema_decay).")]
-
-
-def _emit(as_json: bool, record: Any, show: Callable[[], None]) -> None:
-    """The result: as JSON, or as `show` prints it for people."""
-    if as_json:
-        print(json.dumps(record, indent=1, default=str, allow_nan=True))
-    else:
-        show()
-
-
-def _warn(message: str) -> None:
-    console.print("[yellow]warning:[/]", escape(message))
-
+app.add_typer(registry_app, name="registry")
+app.add_typer(events_app, name="events")
+app.command()(serve)
 
 def _load(recipe: Path, sets: list[str] | None) -> RunConfig:
     from helox.api import load_config
@@ -94,15 +66,13 @@ def run(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
     config = _load(recipe, set_)
     summary = run_recipe(config, run_dir or default_run_dir(config), console)
     if summary is not None:  # None: stopped by a signal after a checkpoint
-        _emit(as_json, summary.as_dict(), lambda: print_summary(out, summary))
+        emit(as_json, summary.as_dict(), lambda: print_summary(out, summary))
 
 
 # ---------------------------------------------------------------------------------------------
 # data
 
 
-WorkspaceOpt = Annotated[Path, typer.Option(
-    "--workspace", "-w", help="Workspace folder holding datasets/ and runs/.")]
 VersionArg = Annotated[str, typer.Argument(help="Dataset version id (or a unique prefix).")]
 
 
@@ -135,7 +105,7 @@ def data_prepare(recipe: RecipeArg, set_: SetOpt = None,
     def show() -> None:
         print_report(out, dataset)
         print(dataset.version)
-    _emit(as_json, _dataset_record(dataset), show)
+    emit(as_json, _dataset_record(dataset), show)
 
 
 @data_app.command("log")
@@ -156,7 +126,7 @@ def data_log(workspace: WorkspaceOpt = Path("workspace"),
     record = [{"version": d.version, "name": d.name, "path": d.path,
                "head": heads[d.name] == d.version, "parents": d.lineage.get("parents") or [],
                "created_at": d.lineage.get("created_at")} for d in found]
-    _emit(as_json, record, lambda: print("\n".join(log_lines(found, heads)) if found
+    emit(as_json, record, lambda: print("\n".join(log_lines(found, heads)) if found
                                          else f"no dataset versions in {root}"))
 
 
@@ -171,7 +141,7 @@ def data_show(version: VersionArg, workspace: WorkspaceOpt = Path("workspace"),
     from helox.data.report import print_show
 
     dataset = versions.resolve(versions.datasets_root(workspace), version)
-    _emit(as_json, _dataset_record(dataset), lambda: print_show(out, dataset))
+    emit(as_json, _dataset_record(dataset), lambda: print_show(out, dataset))
 
 
 @data_app.command("verify")
@@ -187,13 +157,13 @@ def data_verify(version: VersionArg, workspace: WorkspaceOpt = Path("workspace")
     dataset = versions.resolve(root, version)
     bad = dataset.verify()
     if not bad:
-        _emit(as_json, {"version": dataset.version, "ok": True, "corrupted": []},
+        emit(as_json, {"version": dataset.version, "ok": True, "corrupted": []},
               lambda: out.print(f"dataset {dataset.version}: every shard and the tokenizer "
                                 "match the manifest"))
         return
     report = versions.quarantine(root, dataset, bad)
     if as_json:
-        _emit(True, {"version": dataset.version, "ok": False, "corrupted": bad,
+        emit(True, {"version": dataset.version, "ok": False, "corrupted": bad,
                      "moved_to": report.moved_to, "parent": report.parent}, lambda: None)
     raise HeloxError(f"dataset {dataset.version}: {len(bad)} corrupted file(s): "
                      f"{', '.join(bad)}; moved to {report.moved_to} (quarantined)",
@@ -214,7 +184,7 @@ def _permissions(read: bool, write: bool) -> list[str]:
 
 def _emit_acl(as_json: bool, name: str, acl) -> None:
     grants = ", ".join(f"{p}: {'+'.join(perms)}" for p, perms in sorted(acl.grants.items()))
-    _emit(as_json, {"name": name, "owner": acl.owner, "grants": acl.grants},
+    emit(as_json, {"name": name, "owner": acl.owner, "grants": acl.grants},
           lambda: out.print(f"{name}: owner {acl.owner}; grants: {grants or 'none'}",
                             markup=False))
 
@@ -289,7 +259,7 @@ def data_audit(workspace: WorkspaceOpt = Path("workspace"),
             raise HeloxError(f"the audit log {log.path} was tampered with or damaged:\n{report}",
                              hint="restore governance/ from a backup; the lines above say "
                                   "which entries differ")
-        _emit(as_json, {"ok": True, "entries": report.num_entries},
+        emit(as_json, {"ok": True, "entries": report.num_entries},
               lambda: out.print(f"audit log intact: {report.num_entries} entries, chain and "
                                 "anchor match"))
         return
@@ -301,7 +271,7 @@ def data_audit(workspace: WorkspaceOpt = Path("workspace"),
             print(f"{entry['seq']:>6} {entry['time'][:19]} {entry['principal']:<16} "
                   f"{entry['action']:<8} {entry['dataset']} {entry['version'] or '-'} "
                   f"{details}")
-    _emit(as_json, entries, show)
+    emit(as_json, entries, show)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +329,7 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, run_dir: RunDirOpt = None,
     finally:
         leave_job(job)
     if job.main:
-        _emit(as_json, asdict(result),
+        emit(as_json, asdict(result),
               lambda: out.print(f"step {result.step}: checkpoint {result.checkpoint}"))
 
 
@@ -400,7 +370,7 @@ def _dry_run(config: RunConfig, as_json: bool) -> None:
         config = resolve_vocab_size(config, prepare_with_progress(config, console, "train"))
     device = pick_device(config.train.device)
     plan = dry_run_plan(config, device, pick_precision(config.train.precision, device))
-    _emit(as_json, plan, lambda: print_plan(out, plan))
+    emit(as_json, plan, lambda: print_plan(out, plan))
 
 
 @app.command()
@@ -420,9 +390,9 @@ def generate(
     """
     from helox.api import load_trained_model
 
-    trained = load_trained_model(model, ema=ema, warn=_warn)
+    trained = load_trained_model(model, ema=ema, warn=warn)
     text = trained.complete(prompt, max_new_tokens, temperature, top_k, seed)
-    _emit(as_json, {"checkpoint": trained.checkpoint, "ema": ema, "prompt": prompt,
+    emit(as_json, {"checkpoint": trained.checkpoint, "ema": ema, "prompt": prompt,
                     "completion": text}, lambda: print(prompt + text))
 
 
@@ -444,7 +414,7 @@ def report(
 
     path = write_report(run_dir, out_file)
     size_mib = path.stat().st_size / 2**20
-    _emit(as_json, {"report": path, "size_mib": round(size_mib, 3)},
+    emit(as_json, {"report": path, "size_mib": round(size_mib, 3)},
           lambda: out.print(f"report: {path} ({size_mib:.1f} MiB; open it in a browser)"))
 
 
@@ -466,8 +436,8 @@ def explain(
     """
     from helox.observe.explain import explain_run
 
-    folder = explain_run(model, prompt, out_dir, top_k=top_k, ema=ema, warn=_warn)
-    _emit(as_json, {"folder": folder,
+    folder = explain_run(model, prompt, out_dir, top_k=top_k, ema=ema, warn=warn)
+    emit(as_json, {"folder": folder,
                     **json.loads((folder / "explain.json").read_text(encoding="utf-8"))},
           lambda: out.print(f"explanation: {folder} (open {folder / 'explain.html'})"))
 
@@ -526,11 +496,11 @@ def eval_cmd(
                      batch_size, out_dir, as_json)
         return
     outcome = evaluate(model, suite, baseline, ema=ema, batch_size=batch_size, out=out_dir,
-                       console=console, warn=_warn)
+                       console=console, warn=warn)
     record = {"passed": outcome.passed, "folder": outcome.folder,
               "result": outcome.result.as_dict(), "baseline": outcome.baseline,
               "regressions": [f"{c.task}.{c.metric}" for c in outcome.regressions]}
-    _emit(as_json, record, lambda: print_outcome(out, outcome))
+    emit(as_json, record, lambda: print_outcome(out, outcome))
     if not outcome.passed:
         raise typer.Exit(1)
 
@@ -541,7 +511,7 @@ def _run_privacy(model: Path, documents: int, max_tokens: int, dataset: Path | N
     from helox.eval.runner import results_root
 
     report = run_privacy(model, num_documents=documents, max_tokens=max_tokens, seed=seed,
-                         dataset=dataset, ema=ema, batch_size=batch_size, warn=_warn)
+                         dataset=dataset, ema=ema, batch_size=batch_size, warn=warn)
     folder = (out_dir or results_root(Path(report.source))) / "evals" / "privacy" / report.model
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "privacy.json"
@@ -550,7 +520,7 @@ def _run_privacy(model: Path, documents: int, max_tokens: int, dataset: Path | N
     def show() -> None:
         out.print(privacy_table(report))
         out.print(f"results: {path}")
-    _emit(as_json, {"results": path, **report.as_dict()}, show)
+    emit(as_json, {"results": path, **report.as_dict()}, show)
 
 
 def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: int,
@@ -561,7 +531,7 @@ def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: i
     from helox.eval.lm_eval_adapter import lm_eval_rows, run_lm_eval, write_lm_eval_results
     from helox.eval.runner import results_root
 
-    lm = load_language_model(model, ema=ema, batch_size=batch_size, warn=_warn)
+    lm = load_language_model(model, ema=ema, batch_size=batch_size, warn=warn)
     results = run_lm_eval(lm, tasks, limit=limit, batch_size=batch_size)
     folder = write_lm_eval_results(results, out_dir or results_root(Path(lm.source)),
                                    lm.version)
@@ -577,7 +547,7 @@ def _run_lm_eval(model: Path, tasks: list[str], limit: int | None, batch_size: i
                           "" if stderr is None else f"{stderr:.4f}")
         out.print(table)
         out.print(f"results: {folder / 'results.json'}")
-    _emit(as_json, {"results": folder / "results.json", "model": lm.version,
+    emit(as_json, {"results": folder / "results.json", "model": lm.version,
                     "metrics": [dict(zip(("task", "metric", "value", "stderr"), row))
                                 for row in rows]}, show)
 
@@ -626,7 +596,7 @@ def export(
         out.print(f"{exported.format}: {exported.artifact} ({exported.seconds:.1f} s)")
         out.print(f"manifest: {exported.manifest} (model fingerprint "
                   f"{exported.metadata['helox.model_fingerprint'][:16]}…)")
-    _emit(as_json, asdict(exported), show)
+    emit(as_json, asdict(exported), show)
 
 
 @app.command()
@@ -662,7 +632,7 @@ def parity(
     def show() -> None:
         out.print(parity_table(report))
         out.print(f"parity: {target}")
-    _emit(as_json, {"report": target, **report.as_dict()}, show)
+    emit(as_json, {"report": target, **report.as_dict()}, show)
     if not report.passed:
         raise typer.Exit(1)
 
@@ -701,7 +671,7 @@ def launch_file(
         out_path.write_text(text)
     record = {"target": target, "recipe": recipe, "world_size": spec.world_size,
               **({"file": str(out_path)} if out_path else {"text": text})}
-    _emit(as_json, record, lambda: out.print(f"{target}: {out_path}") if out_path
+    emit(as_json, record, lambda: out.print(f"{target}: {out_path}") if out_path
           else print(text, end=""))
 
 
@@ -722,10 +692,10 @@ def checkpoint_consolidate(
     from helox.config import read_saved_config
     from helox.training.consolidate import consolidate, default_out
 
-    source = resolve_checkpoint(model, _warn)
+    source = resolve_checkpoint(model, warn)
     written = consolidate(source, out_path or default_out(source),
                           read_saved_config(source / CONFIG_FILE))
-    _emit(as_json, {"source": str(source), "checkpoint": str(written)},
+    emit(as_json, {"source": str(source), "checkpoint": str(written)},
           lambda: out.print(f"{source} → {written}"))
 
 
@@ -752,7 +722,7 @@ def import_hf_cmd(
     def show() -> None:
         out.print(f"checkpoint: {checkpoint}")
         out.print(f"fine-tune: helox train {recipe} (replace its data first)")
-    _emit(as_json, {"checkpoint": checkpoint, "recipe": recipe}, show)
+    emit(as_json, {"checkpoint": checkpoint, "recipe": recipe}, show)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,7 +742,7 @@ def provenance_keygen(
     from helox.export.manifest import generate_key
 
     public = generate_key(key_out)
-    _emit(as_json, {"private_key": key_out, "public_key": public},
+    emit(as_json, {"private_key": key_out, "public_key": public},
           lambda: out.print(f"private key: {key_out} (keep it secret)\npublic key: {public} "
                             "(give it to verifiers)"))
 
@@ -807,7 +777,7 @@ def provenance_verify(
             table.add_row(check.name, "[green]ok[/]" if check.passed else "[red]FAILED[/]",
                           escape(check.detail))
         out.print(table)
-    _emit(as_json, {"artifact": result.artifact, "passed": result.passed,
+    emit(as_json, {"artifact": result.artifact, "passed": result.passed,
                     "checks": [asdict(check) for check in result.checks]}, show)
     if not result.passed:
         for check in result.failures():
@@ -828,7 +798,7 @@ def provenance_watermark_secret(
     from helox.training.watermark import new_secret
 
     path = new_secret(secret_out)
-    _emit(as_json, {"secret_file": path},
+    emit(as_json, {"secret_file": path},
           lambda: out.print(f"watermark secret: {path} (keep it private; train with "
                             "watermark.secret_file and an objective named watermark)"))
 
@@ -867,7 +837,7 @@ def provenance_detect(
     def show() -> None:
         out.print(table(detection, show_text=show_text))
         out.print(summary(detection), markup=False)
-    _emit(as_json, detection.as_dict(), show)
+    emit(as_json, detection.as_dict(), show)
     if expect == "detected" and not detection.detected or \
             expect == "absent" and detection.verdict != "not_detected":
         raise typer.Exit(1)

@@ -1,0 +1,5 @@
+"""`python -m helox.cli`: the `helox` command."""
+
+from helox.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Serving: the inference engine behind `helox serve` (continuous batching, LoRA per request)."""
