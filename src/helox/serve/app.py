@@ -121,7 +121,8 @@ def build_app(state: ServeState) -> FastAPI:
         call = _Call(state, metrics, role, deployment, "completions", body.model, body.n)
         echoes = [p for p in body.prompts() for _ in range(body.n)] if body.echo else None
         if body.stream:
-            return _sse(call.stream_completion(jobs, body.include_usage(), echoes))
+            return _sse(call.stream_completion(jobs, body.include_usage(), echoes),
+                        call.headers())
         return await call.complete_text(jobs, echoes)
 
     @app.post("/v1/chat/completions")
@@ -142,7 +143,7 @@ def build_app(state: ServeState) -> FastAPI:
             body.tool_choice != "none" else None
         call = _Call(state, metrics, role, deployment, "chat", body.model, body.n)
         if body.stream:
-            return _sse(call.stream_chat(jobs, body.include_usage(), tools))
+            return _sse(call.stream_chat(jobs, body.include_usage(), tools), call.headers())
         return await call.complete_chat(jobs, tools)
 
     @app.post("/v1/load_lora_adapter")
@@ -349,7 +350,7 @@ class _Counted:
         return False
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict], headers: dict[str, str]) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
@@ -361,7 +362,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(error_body(exc.message, 'server_error'))}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache", **headers})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def serve_forever(state: ServeState, host: str, port: int,
                   announce: Callable[[str], None]) -> None:
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=host, port=port,
                                            log_level="warning", lifespan="off"))
+    _log_decisions()
     for role, deployment in state.router.deployments():
         announce(f"{role}: {deployment.describe()}")
     announce(f"listening on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)")
@@ -127,6 +128,16 @@ def serve_forever(state: ServeState, host: str, port: int,
         server.run()
     finally:
         close(state)
+
+
+def _log_decisions() -> None:
+    """The server's own decisions (adapters loaded, the canary's split and rollback) on
+    stderr with their time; uvicorn's access log stays off (the metrics count requests)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def close(state: ServeState) -> None:
