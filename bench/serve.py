@@ -29,7 +29,6 @@ for a few dozen steps in a temporary workspace: it needs real weights, not quali
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -42,10 +41,11 @@ from rich.console import Console
 from helox.checkpoint import list_checkpoints, load_trained_model, resolve_checkpoint
 from helox.checkpoint.fingerprint import model_fingerprint
 from helox.data.prepare import prepare_dataset
-from helox.finetune.lora import BASE_FINGERPRINT_KEY, LoraConfig, apply_lora, save_adapter
+from helox.finetune.lora import LoraConfig
 from helox.serve.canary import CanaryConfig
 from helox.serve.sampling import SamplingParams
 from helox.serve.server import ServeConfig, open_state, serve_in_thread
+from helox.testing.adapters import write_random_adapter
 from helox.testing.loadtest import LoadConfig, Summary, chaos_plan, run_load
 from helox.testing.tiny import tiny_config
 from helox.training.loop import train
@@ -98,19 +98,10 @@ def write_adapters(run_dir: Path, into: Path) -> list[tuple[str, Path]]:
     """Two random-weight adapters of the run's newest checkpoint (a fresh adapter's B is zero,
     which would make the adapter a no-op)."""
     base = load_trained_model(resolve_checkpoint(run_dir, warn=print)).model
-    adapters = []
-    for seed, name in enumerate(("bench-lora-1", "bench-lora-2")):
-        model = copy.deepcopy(base)
-        apply_lora(model, ADAPTER)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter_name, parameter in model.named_parameters():
-                if ".lora_" in parameter_name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        save_adapter(model, into / name, ADAPTER,
-                     metadata={BASE_FINGERPRINT_KEY: model_fingerprint(base)})
-        adapters.append((name, into / name))
-    return adapters
+    fingerprint = model_fingerprint(base)
+    return [(name, write_random_adapter(base, into / name, ADAPTER, seed, fingerprint,
+                                        scale=0.05))
+            for seed, name in enumerate(("bench-lora-1", "bench-lora-2"))]
 
 
 def serve_under_load(mode: str, run_dir: Path, candidate: Path, adapters: list, workspace: Path,

@@ -75,7 +75,7 @@ def _parity(config: ReleaseConfig, checkpoint: Path, summary: ReleaseSummary,
         summary.parity = write_report(report, exports_folder(checkpoint, ema=False)
                                       / "parity.json")
         summary.parity_passed = report.passed
-    rows = [f"{row.name} " + (f"skipped ({row.skipped})" if row.skipped else
+    rows = [f"{row.name} " + (f"skipped: {row.skipped}" if row.skipped else
                               f"ok ({_figures(row.figures)})" if row.passed else
                               "FAILED: " + "; ".join(row.failures))
             for row in report.rows if row.name not in ("batched", "train mode")]

@@ -7,40 +7,26 @@ import threading
 import time
 
 import pytest
-import torch
 
 from helox.checkpoint.fingerprint import model_fingerprint
 from helox.errors import HeloxError
-from helox.finetune.lora import (BASE_FINGERPRINT_KEY, LoraConfig, apply_lora, load_adapter,
-                                 lora_layers, merge_lora, save_adapter)
+from helox.finetune.lora import LoraConfig, load_adapter, lora_layers, merge_lora
 from helox.model.generate import generate
 from helox.serve.engine import Engine
 from helox.serve.errors import UnknownModelError
 from helox.serve.sampling import SamplingParams
+from helox.testing.adapters import write_random_adapter
 
 ADAPTERS = {"x": LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
             "y": LoraConfig(rank=2, alpha=4, target_modules=["k_proj", "up_proj", "lm_head"])}
 PROMPTS = [[5, 6, 7], [100, 200, 40, 50, 60], [9], list(range(30, 41))]
 
 
-def write_adapter(base, folder, config, seed, fingerprint):
-    """An adapter of `base` with random weights (a fresh one's B is zero: no effect)."""
-    model = copy.deepcopy(base)
-    apply_lora(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    save_adapter(model, folder, config, metadata={BASE_FINGERPRINT_KEY: fingerprint})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def adapters(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     fingerprint = model_fingerprint(model)
-    return {name: write_adapter(model, root / name, config, seed, fingerprint)
+    return {name: write_random_adapter(model, root / name, config, seed, fingerprint)
             for seed, (name, config) in enumerate(ADAPTERS.items())}
 
 
@@ -82,7 +68,8 @@ def test_a_mixed_batch_gives_each_request_its_adapters_merged_output(model, toke
 def test_an_adapter_of_another_base_is_refused_naming_both_fingerprints(model, other_model,
                                                                         tokenizer, tmp_path):
     other = other_model
-    folder = write_adapter(other, tmp_path / "other", ADAPTERS["x"], 3, model_fingerprint(other))
+    folder = write_random_adapter(other, tmp_path / "other", ADAPTERS["x"], 3,
+                                  model_fingerprint(other))
     with Engine(copy.deepcopy(model), tokenizer, 0) as engine:
         with pytest.raises(HeloxError) as caught:
             engine.load_adapter("other", folder)

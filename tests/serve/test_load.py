@@ -14,11 +14,11 @@ from helox.serve.app import ServeState
 from helox.serve.canary import CanaryConfig, Router, bucket
 from helox.serve.deploy import Deployment
 from helox.serve.engine import Engine
+from helox.testing.adapters import write_random_adapter
 from helox.serve.server import serve_in_thread
 from helox.testing.loadtest import AdapterStep, CanaryStep, LoadConfig, chaos_plan, run_load
 
 from .conftest import EOS
-from .test_adapters import write_adapter
 
 PROMPTS = ("the quick brown fox", "a bird sings on the", "the lazy dog", "children play games")
 CONFIG = LoadConfig(clients=6, duration_s=7.0, max_tokens=12, adapter_clients=2,
@@ -34,7 +34,7 @@ subject, and it would move the split under the clients."""
 @pytest.fixture(scope="module")
 def adapter_folders(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("load-adapters")
-    return {name: write_adapter(model, root / name, LORA, seed, model_fingerprint(model))
+    return {name: write_random_adapter(model, root / name, LORA, seed, model_fingerprint(model))
             for seed, name in enumerate(ADAPTERS, start=5)}
 
 

@@ -25,12 +25,12 @@ from helox.events.outbox import Outbox
 from helox.export.exporter import export_model
 from helox.registry.lineage import gather
 from helox.registry.store import open_registry
+from helox.testing.adapters import write_random_adapter
 from helox.serve.server import ServeConfig, open_state, serve_in_thread
 from helox.testing.tiny import tiny_config
 from helox.training.loop import train
 
 from .conftest import EOS
-from .test_adapters import write_adapter
 
 TEMPLATE = "chatml"
 
@@ -137,8 +137,9 @@ def test_tool_calls_come_back_in_openai_shape():
 
 
 def test_adapters_load_and_unload_at_runtime(served, model, tmp_path):
-    adapter = write_adapter(model, tmp_path / "x", LoraConfig(rank=4, alpha=8, target_modules=[
-        "q_proj", "v_proj"]), seed=3, fingerprint=model_fingerprint(model))
+    config = LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    adapter = write_random_adapter(model, tmp_path / "x", config, seed=3,
+                                   fingerprint=model_fingerprint(model))
     loaded = httpx.post(f"{served.url}/v1/load_lora_adapter",
                         json={"lora_name": "x", "lora_path": str(adapter)})
     assert loaded.status_code == 200 and "added successfully" in loaded.text
