@@ -13,6 +13,9 @@ Throughput rows (section "throughput"):
   defaults set it (the precision `pick_precision("auto")` resolves to, bf16 autocast with fp32
   master weights where the CPU has native bf16, and `train.compile`), then eagerly in that
   precision and in fp32 (the bf16/fp32 ratio line is what autocast buys).
+- "helox default, <kernel> attention": the default with the attention kernel that
+  `train.attention: auto` does not pick (`pick_attention`: math attention for 16-bit training
+  on a CPU, SDPA elsewhere); its ratio line is what the choice buys.
 - "helox fp16 eager": fp16 autocast with dynamic loss scaling (`make_scaler("fp16")`, passed to
   `train_step`); its MFU is against the fp16 matmul ceiling, and the steps the scaler skipped
   (scaled gradients overflowed) are counted.
@@ -95,8 +98,8 @@ from helox.testing.tiny import tiny_config
 from helox.checkpoint import CheckpointWriter, snapshot
 from helox.training.optim import build_optimizer
 from helox.training.precision import apply_precision_policy
-from helox.training.step import (StepOutcome, compiled, make_loss_fn, make_scaler, pick_precision,
-                              train_step)
+from helox.training.step import (StepOutcome, compiled, make_loss_fn, make_scaler,
+                                 pick_attention, pick_precision, train_step)
 
 DEVICE = torch.device("cpu")
 SHAPE = ModelConfig(vocab_size=8192, d_model=384, num_layers=6, num_heads=6, num_kv_heads=6,
@@ -186,18 +189,23 @@ def random_batches(num_batches: int) -> list[Batch]:
 # The variants
 
 
-def helox_model(init_state: dict, activation_checkpointing: bool) -> Llama:
-    """The model as helox.training.loop sets it up: checkpointing, then the precision policy."""
+def helox_model(init_state: dict, activation_checkpointing: bool, attention: str) -> Llama:
+    """The model as helox.training.loop sets it up: checkpointing, the attention kernel, then
+    the precision policy."""
     model = Llama(SHAPE)
     model.load_state_dict(init_state)
     model.set_activation_checkpointing(activation_checkpointing)
+    model.set_attention(attention)
     apply_precision_policy(model, TRAIN.fp32_modules, DEVICE.type)
     return model
 
 
 def helox_trainer(precision: str, init_state: dict, compile_model: bool,
-                  activation_checkpointing: bool = False) -> HeloxTrainer:
-    model = helox_model(init_state, activation_checkpointing)
+                  activation_checkpointing: bool = False,
+                  attention: str | None = None) -> HeloxTrainer:
+    """`attention` None: what train.attention resolves to for `precision` (the loop's)."""
+    attention = attention or pick_attention(TRAIN.attention, DEVICE, precision)
+    model = helox_model(init_state, activation_checkpointing, attention)
     scaler = make_scaler(precision, DEVICE)  # fp16: dynamic loss scaling; None otherwise
     optimizer = build_optimizer(model, OPTIM)
     loss_fn = make_loss_fn(model, DEVICE, precision)
@@ -211,8 +219,10 @@ def helox_trainer(precision: str, init_state: dict, compile_model: bool,
 
 
 def helox_variant(name: str, precision: str, init_state: dict, compile_model: bool,
-                  activation_checkpointing: bool = False) -> Variant:
-    trainer = helox_trainer(precision, init_state, compile_model, activation_checkpointing)
+                  activation_checkpointing: bool = False, attention: str | None = None
+                  ) -> Variant:
+    trainer = helox_trainer(precision, init_state, compile_model, activation_checkpointing,
+                            attention)
     return Variant(name, precision, lambda batch: not trainer.step(batch).skipped,
                    compile_model)
 
@@ -261,8 +271,12 @@ def build_variants(default_precision: str, compile_peers: bool) -> list[Variant]
     # Activation checkpointing is compared with the variant it adds to: eager unless --compile.
     ac_compiled = compile_peers and TRAIN.compile
     ac_base = DEFAULT_NAME if ac_compiled else default_eager
+    default_attention = pick_attention(TRAIN.attention, DEVICE, default_precision)
+    other_attention = "sdpa" if default_attention == "math" else "math"
     variants = [
         helox_variant(DEFAULT_NAME, default_precision, init_state, TRAIN.compile),
+        helox_variant(f"{DEFAULT_NAME}, {other_attention} attention", default_precision,
+                      init_state, TRAIN.compile, attention=other_attention),
         helox_variant(default_eager, default_precision, init_state, False),
         helox_variant("helox fp32 eager", "fp32", init_state, False),
         helox_variant("helox fp16 eager", "fp16", init_state, False),
@@ -334,7 +348,8 @@ def saved_for_backward_bytes(precision: str, activation_checkpointing: bool,
     """Bytes of the distinct storages autograd saves for the backward in one eager forward +
     loss, parameters and buffers excluded: the activation memory of a step."""
     torch.manual_seed(SEED)
-    model = helox_model(Llama(SHAPE).state_dict(), activation_checkpointing).train()
+    model = helox_model(Llama(SHAPE).state_dict(), activation_checkpointing,
+                        pick_attention(TRAIN.attention, DEVICE, precision)).train()
     state = {t.untyped_storage().data_ptr()
              for t in itertools.chain(model.parameters(), model.buffers())}
     saved: dict[int, int] = {}  # storage address -> bytes; a storage saved twice counts once
@@ -571,6 +586,9 @@ def print_ratios(variants: list[Variant], default_precision: str) -> None:
         ("helox fp32 eager", "transformers fp32", 1.0),
         (default_eager, f"transformers {default_precision}", 1.0),
         (DEFAULT_NAME, f"transformers {default_precision} + compile", 1.0),
+        # the attention kernel train.attention picks, against the other one
+        *[(DEFAULT_NAME, v.name, None) for v in variants
+          if v.name.startswith(f"{DEFAULT_NAME}, ") and v.name.endswith(" attention")],
         # auto picks this precision because it is faster than fp32 here
         (default_eager, "helox fp32 eager", 1.0),
         ("helox fp16 eager", "helox fp32 eager", None),

@@ -1,8 +1,10 @@
+import pytest
 import torch
 
+from helox.errors import HeloxError
 from helox.model.config import ModelConfig
 from helox.model.generate import generate
-from helox.model.llama import Llama
+from helox.model.llama import KVCache, Llama
 
 
 def tiny_model(**overrides) -> Llama:
@@ -133,3 +135,64 @@ def test_batched_decoding_gives_each_rows_unbatched_cached_logits():
     for stream in range(5):
         torch.testing.assert_close(torch.stack(got[stream]), expected[stream], atol=1e-5,
                                    rtol=0)
+
+
+def _both_kernels(run) -> tuple:
+    """`run(model)` with SDPA and with math attention, on the same weights."""
+    results = []
+    for kernel in ("sdpa", "math"):
+        model = tiny_model()
+        model.set_attention(kernel)
+        results.append(run(model))
+    return tuple(results)
+
+
+def test_math_attention_computes_what_sdpa_computes_with_its_gradients():
+    tokens = torch.randint(0, 97, (3, 20))
+    doc_ids = torch.tensor([[0] * 8 + [1] * 12, [0] * 20, [0] * 5 + [1] * 5 + [2] * 10])
+    positions = torch.cat([torch.arange(8), torch.arange(12)]).expand(3, 20)
+
+    def forward_and_grads(model):
+        model.train()
+        causal = model(tokens)
+        packed = model(tokens, positions, doc_ids)
+        (causal.square().mean() + packed.square().mean()).backward()
+        return causal.detach(), packed.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (sdpa_causal, sdpa_packed, sdpa_grads), (math_causal, math_packed, math_grads) = \
+        _both_kernels(forward_and_grads)
+    torch.testing.assert_close(math_causal, sdpa_causal, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(math_packed, sdpa_packed, rtol=1e-5, atol=1e-5)
+    for name, grad in sdpa_grads.items():
+        torch.testing.assert_close(math_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_math_attention_decodes_with_the_cache_as_sdpa_does():
+    prompt = torch.randint(0, 97, (1, 9))
+
+    def cached(model):
+        cache = KVCache(model.cfg, 1, 24, torch.device("cpu"), torch.float32)
+        first = model(prompt[:, :6], cache=cache)
+        rest = model(prompt[:, 6:], cache=cache)  # several new tokens after cached ones
+        step = model(prompt[:, :1], cache=cache)  # one token
+        return torch.cat([first, rest, step], dim=1)
+
+    sdpa, math = _both_kernels(cached)
+    torch.testing.assert_close(math, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_math_attention_under_bf16_autocast_stays_within_bf16_rounding():
+    tokens = torch.randint(0, 97, (2, 16))
+
+    def autocast(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(tokens).float()
+
+    sdpa, math = _both_kernels(autocast)
+    reference = tiny_model()(tokens)
+    assert (math - reference).abs().max() < 0.05 and (sdpa - reference).abs().max() < 0.05
+
+
+def test_an_unknown_attention_kernel_is_refused():
+    with pytest.raises(HeloxError, match="unknown attention kernel 'flash3'"):
+        tiny_model().set_attention("flash3")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import yaml
+from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
@@ -16,9 +17,11 @@ from helox.model.config import ModelConfig
 from helox.data.loader import MicroBatch
 from helox.errors import HeloxError
 from helox.model.llama import Llama
-from helox.testing.tiny import tiny_raw_config
+from helox.observe.metrics import read_metrics
+from helox.testing.tiny import tiny_config, tiny_raw_config
+from helox.training.loop import train
 from helox.training.precision import apply_precision_policy, describe_precision
-from helox.training.step import make_loss_fn, make_scaler, train_step
+from helox.training.step import make_loss_fn, make_scaler, pick_attention, train_step
 
 CPU = torch.device("cpu")
 
@@ -359,3 +362,70 @@ def test_dry_run_refuses_a_pattern_matching_nothing(tmp_path):
     result = CliRunner().invoke(app, ["train", recipe, "--dry-run"])
     assert isinstance(result.exception, HeloxError)
     assert "*nrom" in str(result.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention kernel
+
+
+def test_the_attention_kernel_is_chosen_by_device_and_precision():
+    cuda = torch.device("cuda")
+    assert pick_attention("auto", CPU, "bf16") == "math"
+    assert pick_attention("auto", CPU, "fp16") == "math"
+    assert pick_attention("auto", CPU, "fp32") == "sdpa"
+    assert pick_attention("auto", cuda, "bf16") == "sdpa"
+    assert pick_attention("sdpa", CPU, "bf16") == "sdpa"
+
+
+def test_math_attention_compiles_into_one_graph_with_the_policy():
+    eager = tiny_model()
+    eager.set_attention("math")
+    compiled = copy.deepcopy(eager)
+    for model in (eager, compiled):
+        apply_precision_policy(model, ["*norm"], "cpu")
+    torch._dynamo.reset()
+    fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fn(tokens), eager(tokens), rtol=0, atol=0)
+
+
+def test_a_run_records_its_attention_kernel_and_both_train_alike(tmp_path, tiny_dataset,
+                                                                 workspace):
+    losses = {}
+    for kernel in ("auto", "sdpa"):
+        run_dir = tmp_path / kernel
+        config = tiny_config(workspace, ["train.precision=bf16", f"train.attention={kernel}",
+                                         "train.max_steps=6", "train.eval_every_steps=0"])
+        train(config, run_dir, tiny_dataset, console=Console(quiet=True))
+        assert json.loads((run_dir / "run.json").read_text())["attention"] == \
+            ("math" if kernel == "auto" else "sdpa")
+        losses[kernel] = [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")
+                          if "loss" in m]
+    assert losses["auto"] == pytest.approx(losses["sdpa"], rel=0.01)  # bf16 rounding apart
+    plan = json.loads(CliRunner().invoke(app, ["train", write_recipe(tmp_path, precision="bf16"),
+                                               "--dry-run", "--json"]).stdout)
+    assert plan["attention"] == "math"
+
+
+def test_compiled_bf16_math_attention_gives_finite_gradients_like_eager():
+    """Inductor on CPU once turned the keys' gradient into NaN where rotated keys (RoPE in its
+    cat([-x2, x1]) form) fed math attention in bf16 at head dim 64: every step was rejected.
+    apply_rope's half-by-half form compiles to the eager gradients (within bf16 rounding)."""
+    grads = {}
+    tokens = torch.randint(0, 512, (2, 65), generator=torch.Generator().manual_seed(1))
+    for mode in ("eager", "inductor"):
+        torch.manual_seed(0)  # the shape that showed it (the reference shape's head dim 64)
+        model = Llama(ModelConfig(vocab_size=512, d_model=384, num_layers=1, num_heads=6,
+                                  d_ffn=768, max_seq_len=64, tie_embeddings=False))
+        model.set_attention("math")
+        loss_fn = make_loss_fn(model, CPU, "bf16")
+        if mode == "inductor":
+            torch._dynamo.reset()
+            loss_fn = torch.compile(loss_fn)
+        loss_fn(MicroBatch(tokens[:, :-1], tokens[:, 1:]))["lm"].backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    for name, grad in grads["eager"].items():
+        compiled_grad = grads["inductor"][name]
+        assert torch.isfinite(compiled_grad).all(), name
+        assert (compiled_grad - grad).norm() < 0.05 * grad.norm(), name

@@ -41,15 +41,45 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
-    """Rotate in x's dtype (as transformers does): fp32 tables would promote bf16 activations."""
-    x1, x2 = x_BHTE.chunk(2, dim=-1)
-    rotated_BHTE = torch.cat([-x2, x1], dim=-1)
-    return x_BHTE * cos_TE.to(x_BHTE.dtype) + rotated_BHTE * sin_TE.to(x_BHTE.dtype)
+    """Rotate in x's dtype (as transformers does): fp32 tables would promote bf16 activations.
+
+    x·cos + rotate_half(x)·sin, written half by half (x1·cos − x2·sin, x2·cos + x1·sin): the
+    same products and sums, bit for bit, as transformers' `cat([-x2, x1])` form, which
+    torch.compile (2.13, CPU, bf16) differentiates into NaN key gradients when the rotated
+    keys feed `math_attention` (tests/model/test_llama.py holds the case)."""
+    half = x_BHTE.shape[-1] // 2
+    cos_TE, sin_TE = cos_TE.to(x_BHTE.dtype), sin_TE.to(x_BHTE.dtype)
+    x1, x2 = x_BHTE[..., :half], x_BHTE[..., half:]
+    return torch.cat([x1 * cos_TE[..., :half] - x2 * sin_TE[..., :half],
+                      x2 * cos_TE[..., half:] + x1 * sin_TE[..., half:]], dim=-1)
+
+
+ATTENTION_KERNELS = ("sdpa", "math")
+"""How attention is computed: PyTorch's fused `scaled_dot_product_attention` (FlashAttention and
+memory-efficient kernels on CUDA, a flash kernel on CPU), or `math_attention` (two batched
+matmuls and a softmax, which torch.compile fuses, and whose 16-bit matmuls run on AMX)."""
+
+
+def math_attention(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSE: torch.Tensor,
+                   mask_B1TS: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √E, masked) v, spelled out: what SDPA computes, with the same arguments
+    (a boolean mask, True = attend, or causal over the last T of S keys). It materialises the
+    (B, H, T, S) scores, so it is for the shapes where that is cheap (a training context of a
+    few hundred tokens); under autocast the matmuls run in 16 bits and the softmax in fp32."""
+    T, S = q_BHTE.shape[2], k_BHSE.shape[2]
+    scores_BHTS = (q_BHTE @ k_BHSE.transpose(-2, -1)) * (1.0 / math.sqrt(q_BHTE.shape[-1]))
+    if causal:
+        mask_B1TS = torch.ones(T, S, dtype=torch.bool, device=q_BHTE.device).tril(S - T)
+    if mask_B1TS is not None:
+        scores_BHTS = scores_BHTS.masked_fill(~mask_B1TS, torch.finfo(scores_BHTS.dtype).min)
+    return scores_BHTS.softmax(dim=-1).to(v_BHSE.dtype) @ v_BHSE
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kernel = "sdpa"
+        """One of ATTENTION_KERNELS (`Llama.set_attention`)."""
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.num_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -71,8 +101,11 @@ class Attention(nn.Module):
             q_BHTE, k_BKTE, v_BKTE = self.rotated(x_BTD, cos_TE, sin_TE)
             k_BHTE, v_BHTE = self.expand(*cache.append(k_BKTE, v_BKTE))
             mask_B1TT, causal = cache.mask(T, x_BTD.device)
-        y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE, attn_mask=mask_B1TT,
-                                                is_causal=causal)
+        if self.kernel == "math":
+            y_BHTE = math_attention(q_BHTE, k_BHTE, v_BHTE, mask_B1TT, causal)
+        else:
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTE,
+                                                    attn_mask=mask_B1TT, is_causal=causal)
         return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, -1))
 
     def heads(self, x_BTD: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor,
@@ -276,6 +309,15 @@ class Llama(nn.Module):
         self.checkpointed_blocks: frozenset[int] = frozenset()
         """Blocks whose activations are recomputed in the backward (training with grad only)."""
         self.reset_parameters()
+
+    def set_attention(self, kernel: str) -> None:
+        """Compute every block's attention with `kernel` (one of ATTENTION_KERNELS); the same
+        function either way, up to rounding."""
+        if kernel not in ATTENTION_KERNELS:
+            raise HeloxError(f"unknown attention kernel {kernel!r}",
+                             hint=f"choose one of {', '.join(ATTENTION_KERNELS)}")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     def set_activation_checkpointing(self, blocks: bool | list[int]) -> None:
         """Recompute the activations of these blocks (True: all) in the backward instead of

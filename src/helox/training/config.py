@@ -63,6 +63,10 @@ class TrainConfig(StrictModel):
     """Per-layer precision policy: modules whose names match one of these glob patterns
     (`fnmatch` on names such as `blocks.0.attn_norm`, `norm`, `lm_head`) compute in fp32
     under bf16/fp16 autocast. `helox train --dry-run` shows what each pattern matched."""
+    attention: Literal["auto", "sdpa", "math"] = "auto"
+    """Attention kernel: PyTorch's fused SDPA, or `math` (batched matmuls and a softmax that
+    torch.compile fuses); auto picks by device and precision (`pick_attention`: math for
+    16-bit training on a CPU, SDPA elsewhere). run.json and --dry-run say which ran."""
     activation_checkpointing: bool | list[int] = False
     """Recompute block activations in the backward pass instead of keeping them: true for
     every block, or a list of block indices. Trades ~1/3 more compute for memory."""

@@ -56,7 +56,7 @@ from helox.training.setup import (check_dataset_kind, check_parallel, describe_m
 from helox.training.stability import Recovery, SpikeDetector
 from helox.training.state import Counters, TrainerState, ValueState
 from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compiled, make_loss_fn, make_scaler,
-                                 pick_precision, rows, train_step)
+                                 pick_attention, pick_precision, rows, train_step)
 from helox.training.watermark import CARD_FILE, watermark_for, with_watermark, write_card
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
@@ -136,6 +136,7 @@ class Trainer:
         check_parallel(config, self.job)
         check_dataset_kind(config, dataset)
         self.precision = pick_precision(config.train.precision, self.device)
+        self.attention = pick_attention(config.train.attention, self.device, self.precision)
         # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
         seed_everything(config.train.seed,
                         config.train.deterministic or self.device.type == "cpu")
@@ -192,6 +193,7 @@ class Trainer:
         else:
             self.model = Llama(self.config.model).to(self.device)
         self.model.set_activation_checkpointing(tc.activation_checkpointing)
+        self.model.set_attention(self.attention)
         apply_precision_policy(self.model, tc.fp32_modules, self.device.type)
         self.scaler = make_scaler(self.precision, self.device)
         self.parallel, self.optimizer = parallel_training(
@@ -265,7 +267,8 @@ class Trainer:
                 **({"watermark_key_id": watermark_key} if watermark_key else {}),
                 "injected_datasets": injected_versions,
                 "dataset_path": str(self.dataset.path),
-                "precision": self.precision, "device": str(self.device)}
+                "precision": self.precision, "attention": self.attention,
+                "device": str(self.device)}
 
     def start(self, until_step: int | None) -> None:
         """Resume (or warm-start), write the run files, build the loss functions, open the
@@ -279,7 +282,8 @@ class Trainer:
             self.open_logs()
             if self.step < self.last_step:
                 self.open_platform_events()
-            announce(self.console, self.model, self.device, self.precision, config, self.step,
+            announce(self.console, self.model, self.device,
+                     f"{self.precision}, {self.attention} attention", config, self.step,
                      self.last_step, self.loader, self.run_dir, self.job)
         barrier(self.job)  # the run's files exist before any rank goes on
 

@@ -156,7 +156,8 @@ def _has_matmuls(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def dry_run_plan(config: RunConfig, device: torch.device, precision: str) -> dict:
+def dry_run_plan(config: RunConfig, device: torch.device, precision: str,
+                 attention: str = "sdpa") -> dict:
     """The dry run: the model of `config` (built on the meta device, so any size is instant)
     with the run's precision policy and activation checkpointing, one row per layer, and what
     the weights, gradients and optimizer state will take in memory."""
@@ -178,7 +179,8 @@ def dry_run_plan(config: RunConfig, device: torch.device, precision: str) -> dic
                        and int(block[1]) in model.checkpointed_blocks})
     num_params = model.num_params()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"name": config.name, "precision": precision, "device": str(device),
+    return {"name": config.name, "precision": precision, "attention": attention,
+            "device": str(device),
             "layers": layers, "num_params": num_params, "trainable_params": trainable,
             "frozen_params": num_params - trainable,
             "weights_bytes": 4 * num_params,  # fp32 master weights under autocast
@@ -191,7 +193,8 @@ def dry_run_plan(config: RunConfig, device: torch.device, precision: str) -> dic
 
 def print_plan(console: Console, plan: dict) -> None:
     """`dry_run_plan` as a table and a memory line."""
-    table = Table(title=f"{plan['name']}: {plan['precision']} on {plan['device']}")
+    table = Table(title=f"{plan['name']}: {plan['precision']}, {plan['attention']} attention, "
+                        f"on {plan['device']}")
     table.add_column("module", no_wrap=True)
     table.add_column("type")
     frozen = plan["frozen_params"] > 0  # a LoRA run: say what trains
