@@ -29,6 +29,12 @@ Throughput rows (section "throughput"):
   SDPA attention), starts from the same weights and trains in a plain loop, as a user writes it
   (default `torch.optim.AdamW`), in fp32 and under bf16 autocast; with --compile also under
   `torch.compile` at the default precision.
+- With --nanogpt PATH (a checkout of github.com/karpathy/nanoGPT, or its model.py; its code
+  is not part of Helox): nanoGPT's `GPT` of the same width, depth, heads, context and
+  vocabulary, with its own optimizer setup, in fp32 eager (its CPU precision) and under bf16
+  autocast + torch.compile (the strongest fair setting of it); its matmul parameters equal
+  the shape's, so its MFU uses the same FLOPs per token. "helox default / nanoGPT bf16 +
+  compile" has the target ≥ 1.5× (issue 20).
 - A compiled variant's first step, which compiles, is reported apart and never timed.
 
 The machine is shared and noisy (±10–15%), so the variants are interleaved in one process: each
@@ -70,6 +76,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
+import io
 import itertools
 import os
 import statistics
@@ -160,6 +168,9 @@ def parse_args() -> argparse.Namespace:
                              "checkpointing variant (Helox's default compiles)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every variant (default: torch's own choice)")
+    parser.add_argument("--nanogpt", type=Path, default=None,
+                        help="nanoGPT's model.py (or its checkout): adds its GPT as a peer, "
+                             "fp32 eager and under bf16 autocast + compile")
     parser.add_argument("--only", choices=SECTIONS, default=None,
                         help="run one section (default: both)")
     parser.add_argument("--saves", type=int, default=5,
@@ -261,7 +272,52 @@ def hf_variant(name: str, precision: str, init_state: dict, compile_model: bool)
     return Variant(name, precision, step, compile_model)
 
 
-def build_variants(default_precision: str, compile_peers: bool) -> list[Variant]:
+def load_nanogpt(path: Path):
+    """nanoGPT's `model.py` (a file, or the checkout holding it), imported from where it is:
+    nanoGPT is not a package and its code is not part of Helox."""
+    file = path / "model.py" if path.is_dir() else path
+    if not file.is_file():
+        raise SystemExit(f"--nanogpt {path}: no model.py there (git clone "
+                         f"https://github.com/karpathy/nanoGPT and pass the folder)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def nanogpt_variant(name: str, module, precision: str, compile_model: bool) -> Variant:
+    """nanoGPT's GPT of the same width, depth, heads, context and vocabulary (LayerNorm, GELU
+    MLP 4× wide: the same matmul parameters as the SwiGLU 1024, learned positions, tied head,
+    bias off and dropout 0 as its train.py defaults), its own `configure_optimizers` (fused
+    AdamW where available) and its loop's step: forward with targets, backward, clip, step."""
+    torch.manual_seed(SEED)
+    config = module.GPTConfig(block_size=SEQ_LEN, vocab_size=SHAPE.vocab_size,
+                              n_layer=SHAPE.num_layers, n_head=SHAPE.num_heads,
+                              n_embd=SHAPE.d_model, dropout=0.0, bias=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        model = module.GPT(config).train()
+        optimizer = model.configure_optimizers(OPTIM.weight_decay, OPTIM.lr,
+                                               (OPTIM.beta1, OPTIM.beta2), DEVICE.type)
+    forward = torch.compile(model) if compile_model else model
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+
+    def step(batch: Batch) -> bool:
+        inputs_BT, targets_BT = batch
+        with autocast:
+            _, loss = forward(inputs_BT, targets_BT)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        return True
+
+    return Variant(name, precision, step, compile_model)
+
+
+def build_variants(default_precision: str, compile_peers: bool,
+                   nanogpt: Path | None = None) -> list[Variant]:
     """Helox's default (config defaults: auto precision, train.compile), its eager variants,
     fp16 with loss scaling and activation checkpointing against transformers; with --compile
     also transformers compiled at the same precision."""
@@ -288,6 +344,11 @@ def build_variants(default_precision: str, compile_peers: bool) -> list[Variant]
     if compile_peers:
         variants.append(hf_variant(f"transformers {default_precision} + compile",
                                    default_precision, init_state, True))
+    if nanogpt is not None:
+        module = load_nanogpt(nanogpt)
+        variants.append(nanogpt_variant("nanoGPT fp32", module, "fp32", False))
+        variants.append(nanogpt_variant(f"nanoGPT {default_precision} + compile", module,
+                                        default_precision, True))
     return variants
 
 
@@ -586,6 +647,8 @@ def print_ratios(variants: list[Variant], default_precision: str) -> None:
         ("helox fp32 eager", "transformers fp32", 1.0),
         (default_eager, f"transformers {default_precision}", 1.0),
         (DEFAULT_NAME, f"transformers {default_precision} + compile", 1.0),
+        (DEFAULT_NAME, "nanoGPT fp32", None),
+        (DEFAULT_NAME, f"nanoGPT {default_precision} + compile", 1.5),
         # the attention kernel train.attention picks, against the other one
         *[(DEFAULT_NAME, v.name, None) for v in variants
           if v.name.startswith(f"{DEFAULT_NAME}, ") and v.name.endswith(" attention")],
@@ -662,7 +725,7 @@ def print_save_costs(costs: SaveCosts, args: argparse.Namespace) -> None:
 
 def run_throughput(default_precision: str, args: argparse.Namespace) -> None:
     flops = describe_models(default_precision)
-    variants = build_variants(default_precision, args.compile)
+    variants = build_variants(default_precision, args.compile, args.nanogpt)
     ceiling_samples = run_rounds(variants, args)
     ceilings = {name: statistics.median(samples) for name, samples in ceiling_samples.items()}
     print_table(variants, ceilings, flops)
