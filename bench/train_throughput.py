@@ -215,7 +215,7 @@ def helox_trainer(precision: str, init_state: dict, compile_model: bool,
                   activation_checkpointing: bool = False,
                   attention: str | None = None) -> HeloxTrainer:
     """`attention` None: what train.attention resolves to for `precision` (the loop's)."""
-    attention = attention or pick_attention(TRAIN.attention, DEVICE, precision)
+    attention = attention or pick_attention(TRAIN.attention, DEVICE, precision, SEQ_LEN)
     model = helox_model(init_state, activation_checkpointing, attention)
     scaler = make_scaler(precision, DEVICE)  # fp16: dynamic loss scaling; None otherwise
     optimizer = build_optimizer(model, OPTIM)
@@ -327,7 +327,7 @@ def build_variants(default_precision: str, compile_peers: bool,
     # Activation checkpointing is compared with the variant it adds to: eager unless --compile.
     ac_compiled = compile_peers and TRAIN.compile
     ac_base = DEFAULT_NAME if ac_compiled else default_eager
-    default_attention = pick_attention(TRAIN.attention, DEVICE, default_precision)
+    default_attention = pick_attention(TRAIN.attention, DEVICE, default_precision, SEQ_LEN)
     other_attention = "sdpa" if default_attention == "math" else "math"
     variants = [
         helox_variant(DEFAULT_NAME, default_precision, init_state, TRAIN.compile),
@@ -410,7 +410,7 @@ def saved_for_backward_bytes(precision: str, activation_checkpointing: bool,
     loss, parameters and buffers excluded: the activation memory of a step."""
     torch.manual_seed(SEED)
     model = helox_model(Llama(SHAPE).state_dict(), activation_checkpointing,
-                        pick_attention(TRAIN.attention, DEVICE, precision)).train()
+                        pick_attention(TRAIN.attention, DEVICE, precision, SEQ_LEN)).train()
     state = {t.untyped_storage().data_ptr()
              for t in itertools.chain(model.parameters(), model.buffers())}
     saved: dict[int, int] = {}  # storage address -> bytes; a storage saved twice counts once

@@ -370,11 +370,13 @@ def test_dry_run_refuses_a_pattern_matching_nothing(tmp_path):
 
 def test_the_attention_kernel_is_chosen_by_device_and_precision():
     cuda = torch.device("cuda")
-    assert pick_attention("auto", CPU, "bf16") == "math"
-    assert pick_attention("auto", CPU, "fp16") == "math"
-    assert pick_attention("auto", CPU, "fp32") == "sdpa"
-    assert pick_attention("auto", cuda, "bf16") == "sdpa"
-    assert pick_attention("sdpa", CPU, "bf16") == "sdpa"
+    assert pick_attention("auto", CPU, "bf16", 256) == "math"
+    assert pick_attention("auto", CPU, "fp16", 32) == "math"
+    assert pick_attention("auto", CPU, "bf16", 512) == "sdpa"  # T² scores cost more there
+    assert pick_attention("auto", CPU, "fp32", 256) == "sdpa"
+    assert pick_attention("auto", cuda, "bf16", 256) == "sdpa"
+    assert pick_attention("sdpa", CPU, "bf16", 256) == "sdpa"
+    assert pick_attention("math", CPU, "fp32", 2048) == "math"
 
 
 def test_math_attention_compiles_into_one_graph_with_the_policy():

@@ -371,7 +371,8 @@ def _dry_run(config: RunConfig, as_json: bool) -> None:
     device = pick_device(config.train.device)
     precision = pick_precision(config.train.precision, device)
     plan = dry_run_plan(config, device, precision,
-                        pick_attention(config.train.attention, device, precision))
+                        pick_attention(config.train.attention, device, precision,
+                                       config.train.seq_len))
     emit(as_json, plan, lambda: print_plan(out, plan))
 
 

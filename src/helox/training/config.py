@@ -65,8 +65,9 @@ class TrainConfig(StrictModel):
     under bf16/fp16 autocast. `helox train --dry-run` shows what each pattern matched."""
     attention: Literal["auto", "sdpa", "math"] = "auto"
     """Attention kernel: PyTorch's fused SDPA, or `math` (batched matmuls and a softmax that
-    torch.compile fuses); auto picks by device and precision (`pick_attention`: math for
-    16-bit training on a CPU, SDPA elsewhere). run.json and --dry-run say which ran."""
+    torch.compile fuses); auto picks by device, precision and seq_len (`pick_attention`: math
+    for 16-bit training on a CPU at up to 256 tokens, SDPA elsewhere). run.json and
+    --dry-run say which ran."""
     activation_checkpointing: bool | list[int] = False
     """Recompute block activations in the backward pass instead of keeping them: true for
     every block, or a list of block indices. Trades ~1/3 more compute for memory."""

@@ -136,7 +136,8 @@ class Trainer:
         check_parallel(config, self.job)
         check_dataset_kind(config, dataset)
         self.precision = pick_precision(config.train.precision, self.device)
-        self.attention = pick_attention(config.train.attention, self.device, self.precision)
+        self.attention = pick_attention(config.train.attention, self.device, self.precision,
+                                        config.train.seq_len)
         # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
         seed_everything(config.train.seed,
                         config.train.deterministic or self.device.type == "cpu")

@@ -234,17 +234,25 @@ def update_scale(scaler: torch.amp.GradScaler, reason: str | None, used_scale: f
         scaler.load_state_dict(scaler.state_dict() | {"scale": backed_off, "_growth_tracker": 0})
 
 
-def pick_attention(name: str, device: torch.device, precision: str) -> str:
-    """The attention kernel of `train.attention` ("auto" resolved by a table, not timed at
-    start, so that a run and its rerun compute alike). Measured on a 2-core Xeon with AMX,
-    forward + backward of (8, 6, 256, 64) causal attention in bf16: SDPA's CPU flash kernel
-    17.6 ms eager and 15.1 ms compiled, math attention 14.3 and 10.7 ms (its bf16 matmuls run
-    on AMX and torch.compile fuses the mask and softmax); a whole compiled bf16 step of the
-    reference shape 11% faster. In fp32 SDPA was faster (16.3 against 20.6 ms eager), and on
-    CUDA SDPA runs FlashAttention."""
+MATH_ATTENTION_MAX_TOKENS = 256
+"""The longest training sequence `train.attention: auto` computes with math attention."""
+
+
+def pick_attention(name: str, device: torch.device, precision: str, seq_len: int) -> str:
+    """The attention kernel of `train.attention`: "auto" resolved by a table of device,
+    precision and sequence length (not timed at start, so that a run and its rerun compute
+    alike). Measured on a 2-core Xeon with AMX, forward + backward of causal bf16 attention,
+    compiled (head dim 64): math attention against SDPA's CPU flash kernel took 0.86× the
+    time at 256 tokens (its bf16 matmuls run on AMX, the compiler fuses mask and softmax), but
+    1.39× at 384, 1.66× at 512 and 2.97× at 1,024 (it materialises T² scores); a compiled bf16
+    step of the reference shape (256 tokens) ran 1.07–1.13× faster with it, one of a 110 M
+    model at 1,024 tokens 0.75×. In fp32 SDPA was faster at 256 too (16.3 against 20.6 ms
+    eager), and on CUDA SDPA runs FlashAttention."""
     if name != "auto":
         return name
-    return "math" if device.type == "cpu" and precision in ("bf16", "fp16") else "sdpa"
+    short = seq_len <= MATH_ATTENTION_MAX_TOKENS
+    return "math" if device.type == "cpu" and precision in ("bf16", "fp16") and short \
+        else "sdpa"
 
 
 def pick_precision(name: str, device: torch.device) -> str:
