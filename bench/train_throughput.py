@@ -254,14 +254,26 @@ def hf_variant(name: str, precision: str, init_state: dict, compile_model: bool)
                                   betas=(OPTIM.beta1, OPTIM.beta2),
                                   weight_decay=OPTIM.weight_decay)
     forward = torch.compile(model) if compile_model else model
+
+    def loss_of(inputs_BT: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        logits_BTV = forward(input_ids=inputs_BT, use_cache=False).logits
+        return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+    return plain_loop_variant(name, precision, model, optimizer, loss_of, compile_model)
+
+
+def plain_loop_variant(name: str, precision: str, model: nn.Module,
+                       optimizer: torch.optim.Optimizer,
+                       loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       compile_model: bool) -> Variant:
+    """A peer's step as a user writes the loop: forward and loss (under bf16 autocast for a
+    bf16 variant), backward, clip to OPTIM.grad_clip_norm, step, zero_grad, the loss read."""
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
 
     def step(batch: Batch) -> bool:
-        inputs_BT, targets_BT = batch
         with autocast:
-            logits_BTV = forward(input_ids=inputs_BT, use_cache=False).logits
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+            loss = loss_of(*batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip_norm)
         optimizer.step()
@@ -299,21 +311,9 @@ def nanogpt_variant(name: str, module, precision: str, compile_model: bool) -> V
         optimizer = model.configure_optimizers(OPTIM.weight_decay, OPTIM.lr,
                                                (OPTIM.beta1, OPTIM.beta2), DEVICE.type)
     forward = torch.compile(model) if compile_model else model
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
-
-    def step(batch: Batch) -> bool:
-        inputs_BT, targets_BT = batch
-        with autocast:
-            _, loss = forward(inputs_BT, targets_BT)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        return True
-
-    return Variant(name, precision, step, compile_model)
+    return plain_loop_variant(name, precision, model, optimizer,
+                              lambda inputs_BT, targets_BT: forward(inputs_BT, targets_BT)[1],
+                              compile_model)
 
 
 def build_variants(default_precision: str, compile_peers: bool,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -237,7 +236,7 @@ class _Call:
     async def stream_completion(self, jobs: list[RequestHandle], include_usage: bool,
                                 echoes: list[str] | None) -> AsyncIterator[dict]:
         usages = []
-        async with self._counting(jobs, usages):
+        async with _Counted(self, jobs, usages):
             for index, job in enumerate(jobs):
                 if echoes:
                     yield self._chunk("text_completion", [{"index": index, "text": echoes[index],
@@ -256,7 +255,7 @@ class _Call:
     async def stream_chat(self, jobs: list[RequestHandle], include_usage: bool,
                           tools: str | None) -> AsyncIterator[dict]:
         usages = []
-        async with self._counting(jobs, usages):
+        async with _Counted(self, jobs, usages):
             for index, job in enumerate(jobs):
                 yield self._delta(index, {"role": "assistant", "content": ""})
                 async for chunk in self._chat_deltas(index, job, tools, usages):
@@ -288,13 +287,10 @@ class _Call:
 
     async def _results(self, jobs: list[RequestHandle]) -> list:
         usages: list[Usage] = []
-        async with self._counting(jobs, usages):
+        async with _Counted(self, jobs, usages):
             results = [await job.result_async() for job in jobs]
             usages.extend(r.usage for r in results)
         return results
-
-    def _counting(self, jobs: list[RequestHandle], usages: list[Usage]):
-        return _Counted(self, jobs, usages)
 
     def record(self, ok: bool, usages: list[Usage], status: str) -> None:
         seconds = time.perf_counter() - self.started
@@ -462,8 +458,7 @@ def _adapter_folder(state: ServeState, lora_path: str) -> Path:
         if state.open_registry is None:
             raise RequestError("this server has no registry to resolve models:/ URIs",
                                param="lora_path")
-        into = Path(tempfile.mkdtemp(prefix="helox-adapter-"))
-        return registered_adapter_folder(lora_path, state.open_registry(), into)[1]
+        return registered_adapter_folder(lora_path, state.open_registry())[1]
     folder = Path(lora_path)
     if not folder.is_dir():
         raise RequestError(f"no adapter folder at {lora_path}", param="lora_path",

@@ -52,16 +52,17 @@ class VersionStats:
     requests: int = 0
     errors: int = 0
     tokens: int = 0
-    recent: deque = field(default_factory=deque)
+    recent: deque = field(init=False)
     """(ok, seconds, seconds per token) of the last `window` requests."""
+
+    def __post_init__(self) -> None:
+        self.recent = deque(maxlen=self.window)
 
     def record(self, ok: bool, seconds: float, tokens: int) -> None:
         self.requests += 1
         self.errors += not ok
         self.tokens += tokens
         self.recent.append((ok, seconds, seconds / max(tokens, 1)))
-        while len(self.recent) > self.window:
-            self.recent.popleft()
 
     def error_rate(self) -> float:
         return sum(not ok for ok, _, _ in self.recent) / max(len(self.recent), 1)

@@ -8,7 +8,6 @@ is then what requests name.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,32 +91,30 @@ def parse_models_uri(spec: str) -> tuple[str, str]:
     return name, version
 
 
-def registered_adapter_folder(spec: str, registry: Registry, into: Path) -> tuple[VersionInfo,
-                                                                                   Path]:
-    """A registered adapter's PEFT folder (for `/v1/load_lora_adapter` with a registry URI)."""
+def registered_adapter_folder(spec: str, registry: Registry) -> tuple[VersionInfo, Path]:
+    """A registered adapter's PEFT folder (for `/v1/load_lora_adapter` with a registry URI):
+    in the store itself when it is on this disk, else downloaded to a temporary folder."""
     info = registry.version(*parse_models_uri(spec))
     if info.kind != "adapter":
         raise HeloxError(f"{spec} is a full model, not an adapter",
                          hint="serve it with helox serve, or name a registered adapter")
-    return info, registry.artifacts(info, into, (EXPORTS_ARTIFACT,)) / EXPORTS_ARTIFACT / "peft"
+    return info, registry.artifacts(info, parts=(EXPORTS_ARTIFACT,)) / EXPORTS_ARTIFACT / "peft"
 
 
 def _from_registry(spec: str, registry: Registry, device: torch.device,
                    engine_kwargs: dict) -> Deployment:
     info = registry.version(*parse_models_uri(spec))
-    downloads = Path(tempfile.mkdtemp(prefix="helox-serve-"))
     base = info
     if info.kind == "adapter":
         base = registry.version(info.tags[TAG_PREFIX + "base.name"],
                                 info.tags[TAG_PREFIX + "base.version"])
-    checkpoint = resolve_checkpoint(registry.model_folder(base, downloads / "base"),
-                                    warn=lambda message: None)
+    checkpoint = resolve_checkpoint(registry.model_folder(base), warn=lambda message: None)
     engine = Engine.from_checkpoint(checkpoint, device=device, name=base.name, **engine_kwargs)
     deployment = Deployment(info.name, info.version, spec, engine, base.model_fingerprint,
                             eval_gate=_eval_gate(info))
     if info.kind == "adapter":
         _, folder = registered_adapter_folder(f"{MODELS_SCHEME}{info.name}/{info.version}",
-                                              registry, downloads / "adapter")
+                                              registry)
         engine.load_adapter(info.name, folder)
         deployment.adapter, deployment.fingerprint = info.name, info.model_fingerprint
     return deployment
