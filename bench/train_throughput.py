@@ -16,6 +16,12 @@ Throughput rows (section "throughput"):
 - "helox default, <kernel> attention": the default with the attention kernel that
   `train.attention: auto` does not pick (`pick_attention`: math attention for 16-bit training
   on a CPU, SDPA elsewhere); its ratio line is what the choice buys.
+- "helox default, malloc as is": the default without `train.reuse_memory` (helox.allocator:
+  every Helox row runs inside `large_tensors_on_heap`, as the training loop runs a CPU run).
+  The peers run outside it. Once a block has ended, glibc keeps the thresholds it sets on
+  leaving (mmap above 32 MiB, where its own adaptation ends up), so the rows without it fault
+  fewer pages than a fresh process would: the ratio line understates what the setting buys a
+  new process.
 - "helox fp16 eager": fp16 autocast with dynamic loss scaling (`make_scaler("fp16")`, passed to
   `train_step`); its MFU is against the fp16 matmul ceiling, and the steps the scaler skipped
   (scaled gradients overflowed) are counted.
@@ -34,7 +40,12 @@ Throughput rows (section "throughput"):
   vocabulary, with its own optimizer setup, in fp32 eager (its CPU precision) and under bf16
   autocast + torch.compile (the strongest fair setting of it); its matmul parameters equal
   the shape's, so its MFU uses the same FLOPs per token. "helox default / nanoGPT bf16 +
-  compile" has the target ≥ 1.5× (issue 20).
+  compile" has the target ≥ 1.5× (issue 20). "…, Helox's memory reuse" is that peer inside
+  Helox's allocator setting too: the ratio against it is what the rest of Helox's step is
+  worth.
+- --shape 125m measures a 124 M-parameter Llama of GPT-2 small's size (12 layers, d_model 768,
+  12 heads, context 1,024, vocabulary 50,304, tied embeddings, micro-batch 4) instead, with
+  the compiled rows only; nanoGPT's GPT there is GPT-2 small itself.
 - A compiled variant's first step, which compiles, is reported apart and never timed.
 
 The machine is shared and noisy (±10–15%), so the variants are interleaved in one process: each
@@ -42,7 +53,8 @@ round runs every variant for its warm-up and timed steps, and a variant's result
 tokens/s over the rounds; a ratio line gives the ratio of medians and the range of the
 same-round ratios. MFU divides achieved model FLOP/s (6 × matmul parameters + attention, per
 token) by the matmul ceiling of the same precision (fp32, bf16 or fp16), measured in every round
-as F.linear of (2048×384) by (1536×384)ᵀ.
+as F.linear of one micro-batch's tokens through the shape's widest projection (2048×384 by
+(1536×384)ᵀ for the reference shape).
 
 Checkpoint stall (section "checkpoint"): the default training step (precision and compile as the
 config defaults) with `helox.checkpoint`: `snapshot` of the model, its AdamW state
@@ -91,6 +103,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helox.allocator import large_tensors_on_heap, reuses_memory
 from helox.config import RunConfig
 from helox.model.config import ModelConfig
 from helox.training.config import TrainConfig
@@ -110,18 +123,39 @@ from helox.training.step import (StepOutcome, compiled, make_loss_fn, make_scale
                                  pick_attention, pick_precision, train_step)
 
 DEVICE = torch.device("cpu")
-SHAPE = ModelConfig(vocab_size=8192, d_model=384, num_layers=6, num_heads=6, num_kv_heads=6,
-                    d_ffn=1024, max_seq_len=256, tie_embeddings=False)
+SHAPES = {
+    # PERF.md's reference shape: 16.9 M parameters, micro-batch 8.
+    "reference": (ModelConfig(vocab_size=8192, d_model=384, num_layers=6, num_heads=6,
+                              num_kv_heads=6, d_ffn=1024, max_seq_len=256,
+                              tie_embeddings=False), 8),
+    # GPT-2 small's size as a Llama (124 M parameters: its vocabulary padded to 50,304, tied
+    # embeddings, SwiGLU 2,048 wide: GPT-2's matmul parameters), micro-batch 4.
+    "125m": (ModelConfig(vocab_size=50304, d_model=768, num_layers=12, num_heads=12,
+                         num_kv_heads=12, d_ffn=2048, max_seq_len=1024,
+                         tie_embeddings=True), 4),
+}
+SHAPE, BATCH_SIZE = SHAPES["reference"]
 OPTIM = OptimConfig(lr=3e-4, beta1=0.9, beta2=0.95, weight_decay=0.1, grad_clip_norm=1.0)
 TRAIN = TrainConfig()  # the defaults: compile, precision policy
-BATCH_SIZE = 8
 SEQ_LEN = SHAPE.max_seq_len
 TOKENS_PER_STEP = BATCH_SIZE * SEQ_LEN
 SEED = 1234
 DEFAULT_NAME = "helox default"
 AC_SUFFIX = " + activation ckpt"
+NO_REUSE_SUFFIX = ", malloc as is"
+REUSE_SUFFIX = ", Helox's memory reuse"
 # The ceiling matmul: one micro-batch of tokens through the widest projection of the shape.
 CEILING_M, CEILING_K, CEILING_N = TOKENS_PER_STEP, SHAPE.d_model, 4 * SHAPE.d_model
+
+
+def use_shape(name: str) -> None:
+    """Measure `SHAPES[name]`: the model, micro-batch and ceiling matmul every function reads."""
+    global SHAPE, BATCH_SIZE, SEQ_LEN, TOKENS_PER_STEP, CEILING_M, CEILING_K, CEILING_N
+    SHAPE, BATCH_SIZE = SHAPES[name]
+    SEQ_LEN = SHAPE.max_seq_len
+    TOKENS_PER_STEP = BATCH_SIZE * SEQ_LEN
+    CEILING_M, CEILING_K, CEILING_N = TOKENS_PER_STEP, SHAPE.d_model, 4 * SHAPE.d_model
+
 CEILING_REPS = 50
 CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SECTIONS = ("throughput", "checkpoint", "telemetry")
@@ -140,6 +174,9 @@ class Variant:
     precision: str  # "fp32", "bf16" or "fp16": which matmul ceiling applies
     step: Callable[[Batch], bool]
     compiled: bool = False
+    reuse_memory: bool = False
+    """Runs inside `helox.allocator.large_tensors_on_heap`, as helox.training.loop runs a CPU
+    run's steps (train.reuse_memory)."""
     tokens_per_s: list[float] = field(default_factory=list)  # one per round
     first_step_s: float | None = None  # compiled variants: the step that compiles
     steps_run: int = 0
@@ -171,6 +208,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nanogpt", type=Path, default=None,
                         help="nanoGPT's model.py (or its checkout): adds its GPT as a peer, "
                              "fp32 eager and under bf16 autocast + compile")
+    parser.add_argument("--shape", choices=list(SHAPES), default="reference",
+                        help="the model measured (default: the reference shape); 125m runs "
+                             "the throughput section's compiled rows only")
     parser.add_argument("--only", choices=SECTIONS, default=None,
                         help="run one section (default: both)")
     parser.add_argument("--saves", type=int, default=5,
@@ -230,12 +270,12 @@ def helox_trainer(precision: str, init_state: dict, compile_model: bool,
 
 
 def helox_variant(name: str, precision: str, init_state: dict, compile_model: bool,
-                  activation_checkpointing: bool = False, attention: str | None = None
-                  ) -> Variant:
+                  activation_checkpointing: bool = False, attention: str | None = None,
+                  reuse_memory: bool = TRAIN.reuse_memory) -> Variant:
     trainer = helox_trainer(precision, init_state, compile_model, activation_checkpointing,
                             attention)
     return Variant(name, precision, lambda batch: not trainer.step(batch).skipped,
-                   compile_model)
+                   compile_model, reuses_memory(reuse_memory, DEVICE))
 
 
 def build_hf_model(init_state: dict) -> nn.Module:
@@ -297,7 +337,8 @@ def load_nanogpt(path: Path):
     return module
 
 
-def nanogpt_variant(name: str, module, precision: str, compile_model: bool) -> Variant:
+def nanogpt_variant(name: str, module, precision: str, compile_model: bool,
+                    reuse_memory: bool = False) -> Variant:
     """nanoGPT's GPT of the same width, depth, heads, context and vocabulary (LayerNorm, GELU
     MLP 4× wide: the same matmul parameters as the SwiGLU 1024, learned positions, tied head,
     bias off and dropout 0 as its train.py defaults), its own `configure_optimizers` (fused
@@ -311,16 +352,20 @@ def nanogpt_variant(name: str, module, precision: str, compile_model: bool) -> V
         optimizer = model.configure_optimizers(OPTIM.weight_decay, OPTIM.lr,
                                                (OPTIM.beta1, OPTIM.beta2), DEVICE.type)
     forward = torch.compile(model) if compile_model else model
-    return plain_loop_variant(name, precision, model, optimizer,
-                              lambda inputs_BT, targets_BT: forward(inputs_BT, targets_BT)[1],
-                              compile_model)
+    variant = plain_loop_variant(name, precision, model, optimizer,
+                                 lambda inputs_BT, targets_BT: forward(inputs_BT, targets_BT)[1],
+                                 compile_model)
+    variant.reuse_memory = reuses_memory(reuse_memory, DEVICE)
+    return variant
 
 
-def build_variants(default_precision: str, compile_peers: bool,
-                   nanogpt: Path | None = None) -> list[Variant]:
-    """Helox's default (config defaults: auto precision, train.compile), its eager variants,
-    fp16 with loss scaling and activation checkpointing against transformers; with --compile
-    also transformers compiled at the same precision."""
+def build_variants(default_precision: str, compile_peers: bool, nanogpt: Path | None = None,
+                   shape: str = "reference") -> list[Variant]:
+    """Helox's default (config defaults: auto precision, train.compile, train.reuse_memory),
+    the default with the other attention kernel and with malloc left as it is, its eager
+    variants, fp16 with loss scaling and activation checkpointing against transformers; with
+    --compile also transformers compiled at the same precision. The 125m shape keeps the
+    compiled rows only (an eager or fp32 step of it takes tens of seconds here)."""
     torch.manual_seed(SEED)
     init_state = Llama(SHAPE).state_dict()  # every variant starts from these weights
     default_eager = f"helox {default_precision} eager"
@@ -329,26 +374,39 @@ def build_variants(default_precision: str, compile_peers: bool,
     ac_base = DEFAULT_NAME if ac_compiled else default_eager
     default_attention = pick_attention(TRAIN.attention, DEVICE, default_precision, SEQ_LEN)
     other_attention = "sdpa" if default_attention == "math" else "math"
+    full = shape == "reference"
     variants = [
         helox_variant(DEFAULT_NAME, default_precision, init_state, TRAIN.compile),
         helox_variant(f"{DEFAULT_NAME}, {other_attention} attention", default_precision,
                       init_state, TRAIN.compile, attention=other_attention),
-        helox_variant(default_eager, default_precision, init_state, False),
-        helox_variant("helox fp32 eager", "fp32", init_state, False),
-        helox_variant("helox fp16 eager", "fp16", init_state, False),
-        helox_variant(ac_base + AC_SUFFIX, default_precision, init_state, ac_compiled,
-                      activation_checkpointing=True),
-        hf_variant("transformers fp32", "fp32", init_state, False),
-        hf_variant(f"transformers {default_precision}", default_precision, init_state, False),
     ]
+    if reuses_memory(TRAIN.reuse_memory, DEVICE):
+        variants.append(helox_variant(DEFAULT_NAME + NO_REUSE_SUFFIX, default_precision,
+                                      init_state, TRAIN.compile, reuse_memory=False))
+    if full:
+        variants += [
+            helox_variant(default_eager, default_precision, init_state, False),
+            helox_variant("helox fp32 eager", "fp32", init_state, False),
+            helox_variant("helox fp16 eager", "fp16", init_state, False),
+            helox_variant(ac_base + AC_SUFFIX, default_precision, init_state, ac_compiled,
+                          activation_checkpointing=True),
+            hf_variant("transformers fp32", "fp32", init_state, False),
+            hf_variant(f"transformers {default_precision}", default_precision, init_state,
+                       False),
+        ]
     if compile_peers:
         variants.append(hf_variant(f"transformers {default_precision} + compile",
                                    default_precision, init_state, True))
     if nanogpt is not None:
         module = load_nanogpt(nanogpt)
-        variants.append(nanogpt_variant("nanoGPT fp32", module, "fp32", False))
+        if full:
+            variants.append(nanogpt_variant("nanoGPT fp32", module, "fp32", False))
         variants.append(nanogpt_variant(f"nanoGPT {default_precision} + compile", module,
                                         default_precision, True))
+        if reuses_memory(True, DEVICE):
+            variants.append(nanogpt_variant(
+                f"nanoGPT {default_precision} + compile{REUSE_SUFFIX}", module,
+                default_precision, True, reuse_memory=True))
     return variants
 
 
@@ -365,6 +423,11 @@ def run_step(variant: Variant, batch: Batch) -> None:
 def time_variant(variant: Variant, batches: list[Batch], warmup: int, steps: int) -> float:
     """Warm-up steps, then `steps` timed steps; returns tokens/s of the timed steps."""
     gc.collect()
+    with large_tensors_on_heap(variant.reuse_memory):
+        return timed_steps(variant, batches, warmup, steps)
+
+
+def timed_steps(variant: Variant, batches: list[Batch], warmup: int, steps: int) -> float:
     for i in range(warmup):
         started = time.perf_counter()
         run_step(variant, batches[i % len(batches)])
@@ -399,7 +462,7 @@ def run_rounds(variants: list[Variant], args: argparse.Namespace) -> dict[str, l
             ceilings[name].append(matmul_gflops(dtype))
         for variant in variants:
             variant.tokens_per_s.append(time_variant(variant, batches, args.warmup, args.steps))
-            print(f"  round {round_index + 1}/{args.rounds}  {variant.name:<34} "
+            print(f"  round {round_index + 1}/{args.rounds}  {variant.name:<48} "
                   f"{variant.tokens_per_s[-1]:8,.0f} tokens/s", flush=True)
     return ceilings
 
@@ -621,12 +684,12 @@ def spread(values: list[float], fmt: str = ",.0f") -> str:
 
 
 def print_table(variants: list[Variant], ceilings: dict[str, float], flops: int) -> None:
-    print(f"\n{'variant':<34} {'precision':<9} {'tokens/s':>9} {'min–max over rounds':>20} "
+    print(f"\n{'variant':<48} {'precision':<9} {'tokens/s':>9} {'min–max over rounds':>20} "
           f"{'MFU':>6}  ceiling")
     for v in variants:
         median = statistics.median(v.tokens_per_s)
         mfu = median * flops / (ceilings[v.precision] * 1e9)
-        print(f"{v.name:<34} {v.precision:<9} {median:9,.0f} {spread(v.tokens_per_s):>20} "
+        print(f"{v.name:<48} {v.precision:<9} {median:9,.0f} {spread(v.tokens_per_s):>20} "
               f"{mfu:6.1%}  {v.precision} {ceilings[v.precision]:,.0f} GFLOP/s")
 
 
@@ -649,6 +712,11 @@ def print_ratios(variants: list[Variant], default_precision: str) -> None:
         (DEFAULT_NAME, f"transformers {default_precision} + compile", 1.0),
         (DEFAULT_NAME, "nanoGPT fp32", None),
         (DEFAULT_NAME, f"nanoGPT {default_precision} + compile", 1.5),
+        # the peer given Helox's allocator setting too: what the rest of the step is worth
+        (DEFAULT_NAME, f"nanoGPT {default_precision} + compile{REUSE_SUFFIX}", None),
+        (f"nanoGPT {default_precision} + compile{REUSE_SUFFIX}",
+         f"nanoGPT {default_precision} + compile", None),
+        (DEFAULT_NAME, DEFAULT_NAME + NO_REUSE_SUFFIX, None),
         # the attention kernel train.attention picks, against the other one
         *[(DEFAULT_NAME, v.name, None) for v in variants
           if v.name.startswith(f"{DEFAULT_NAME}, ") and v.name.endswith(" attention")],
@@ -725,7 +793,7 @@ def print_save_costs(costs: SaveCosts, args: argparse.Namespace) -> None:
 
 def run_throughput(default_precision: str, args: argparse.Namespace) -> None:
     flops = describe_models(default_precision)
-    variants = build_variants(default_precision, args.compile, args.nanogpt)
+    variants = build_variants(default_precision, args.compile, args.nanogpt, args.shape)
     ceiling_samples = run_rounds(variants, args)
     ceilings = {name: statistics.median(samples) for name, samples in ceiling_samples.items()}
     print_table(variants, ceilings, flops)
@@ -744,11 +812,14 @@ def main() -> None:
     seed_everything(SEED, deterministic=DEVICE.type == "cpu")
     default_precision = pick_precision("auto", DEVICE)
     sections = [args.only] if args.only else list(SECTIONS)
+    if args.shape != "reference":
+        use_shape(args.shape)
+        sections = ["throughput"]
     # Other processes make every number lower and noisier: show how busy the machine was.
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, load average {os.getloadavg()[0]:.2f} "
-          f"before the run; sections: {', '.join(sections)}; {args.rounds} rounds × "
-          f"({args.warmup} warm-up + {args.steps} timed steps) per variant")
+    print(f"shape {args.shape}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, load average "
+          f"{os.getloadavg()[0]:.2f} before the run; sections: {', '.join(sections)}; "
+          f"{args.rounds} rounds × ({args.warmup} warm-up + {args.steps} timed steps) per variant")
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

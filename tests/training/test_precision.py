@@ -12,6 +12,7 @@ from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
+from helox import allocator
 from helox.cli import app
 from helox.model.config import ModelConfig
 from helox.data.loader import MicroBatch
@@ -394,20 +395,23 @@ def test_math_attention_compiles_into_one_graph_with_the_policy():
 
 def test_a_run_records_its_attention_kernel_and_both_train_alike(tmp_path, tiny_dataset,
                                                                  workspace):
+    """And whether freed memory was kept (helox.allocator; the sdpa run turns it off)."""
     losses = {}
     for kernel in ("auto", "sdpa"):
         run_dir = tmp_path / kernel
         config = tiny_config(workspace, ["train.precision=bf16", f"train.attention={kernel}",
-                                         "train.max_steps=6", "train.eval_every_steps=0"])
+                                         "train.max_steps=6", "train.eval_every_steps=0",
+                                         f"train.reuse_memory={kernel == 'auto'}"])
         train(config, run_dir, tiny_dataset, console=Console(quiet=True))
-        assert json.loads((run_dir / "run.json").read_text())["attention"] == \
-            ("math" if kernel == "auto" else "sdpa")
+        run_info = json.loads((run_dir / "run.json").read_text())
+        assert run_info["attention"] == ("math" if kernel == "auto" else "sdpa")
+        assert run_info["reuse_memory"] == (kernel == "auto" and allocator.available())
         losses[kernel] = [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl")
                           if "loss" in m]
     assert losses["auto"] == pytest.approx(losses["sdpa"], rel=0.01)  # bf16 rounding apart
     plan = json.loads(CliRunner().invoke(app, ["train", write_recipe(tmp_path, precision="bf16"),
                                                "--dry-run", "--json"]).stdout)
-    assert plan["attention"] == "math"
+    assert plan["attention"] == "math" and plan["reuse_memory"] == allocator.available()
 
 
 def test_compiled_bf16_math_attention_gives_finite_gradients_like_eager():

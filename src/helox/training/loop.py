@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from helox import checkpoint as ckpt
+from helox.allocator import large_tensors_on_heap, reuses_memory
 from helox.data.loader import MicroBatch, StepBatch, TrainLoader
 from helox.data.prepare import open_named, open_version
 from helox.data.shards import DatasetVersion
@@ -83,7 +84,7 @@ def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step:
     the run through WORKSPACE's event outbox (docs/events.md)."""
     trainer = Trainer(config, Path(run_dir), dataset, console or Console(stderr=True))
     try:
-        with StopSignals() as signals:
+        with StopSignals() as signals, large_tensors_on_heap(trainer.reuse_memory):
             trainer.start(until_step)
             result = trainer.run(signals)
     except BaseException as exc:
@@ -138,6 +139,7 @@ class Trainer:
         self.precision = pick_precision(config.train.precision, self.device)
         self.attention = pick_attention(config.train.attention, self.device, self.precision,
                                         config.train.seq_len)
+        self.reuse_memory = reuses_memory(config.train.reuse_memory, self.device)
         # On CPU deterministic kernels cost next to nothing, so runs are always bit-reproducible.
         seed_everything(config.train.seed,
                         config.train.deterministic or self.device.type == "cpu")
@@ -269,7 +271,7 @@ class Trainer:
                 "injected_datasets": injected_versions,
                 "dataset_path": str(self.dataset.path),
                 "precision": self.precision, "attention": self.attention,
-                "device": str(self.device)}
+                "reuse_memory": self.reuse_memory, "device": str(self.device)}
 
     def start(self, until_step: int | None) -> None:
         """Resume (or warm-start), write the run files, build the loss functions, open the

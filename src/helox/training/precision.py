@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from helox.allocator import reuses_memory
 from helox.errors import HeloxError
 from helox.finetune.lora import apply_lora, read_adapter_config, set_trainable
 from helox.model.llama import Llama
@@ -181,6 +182,7 @@ def dry_run_plan(config: RunConfig, device: torch.device, precision: str,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"name": config.name, "precision": precision, "attention": attention,
             "device": str(device),
+            "reuse_memory": reuses_memory(config.train.reuse_memory, device),
             "layers": layers, "num_params": num_params, "trainable_params": trainable,
             "frozen_params": num_params - trainable,
             "weights_bytes": 4 * num_params,  # fp32 master weights under autocast
@@ -193,8 +195,9 @@ def dry_run_plan(config: RunConfig, device: torch.device, precision: str,
 
 def print_plan(console: Console, plan: dict) -> None:
     """`dry_run_plan` as a table and a memory line."""
+    reused = ", freed memory reused" if plan["reuse_memory"] else ""
     table = Table(title=f"{plan['name']}: {plan['precision']}, {plan['attention']} attention, "
-                        f"on {plan['device']}")
+                        f"on {plan['device']}{reused}")
     table.add_column("module", no_wrap=True)
     table.add_column("type")
     frozen = plan["frozen_params"] > 0  # a LoRA run: say what trains
