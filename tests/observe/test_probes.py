@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helox.model.config import ModelConfig
 from helox.data.loader import MicroBatch
 from helox.data.shards import DatasetVersion, ShardWriter, build_manifest, unigram_entropy_nats
-from helox.model.llama import Attention, Llama, apply_rope, document_mask
+from helox.model.llama import Attention, Llama, additive_mask, apply_rope, document_mask
 from helox.observe.probes import (Telemetry, TelemetryConfig, js_divergence_nats, probe_batches,
                                   rare_token_ids, unigram_counts)
 
@@ -112,9 +112,26 @@ def test_attention_probs_are_the_masked_softmax_that_sdpa_applies():
         y_BTC = (probs_BHTT @ heads(attn.v_proj, 2)).transpose(1, 2).reshape(B, T, -1)
         torch.testing.assert_close(attn.o_proj(y_BTC),
                                    attn(x_BTD, cos_BTE[:, None], sin_BTE[:, None], mask_B1TT))
+        additive_BHTT = attn.attention_probs(x_BTD, cos_BTE[:, None], sin_BTE[:, None],
+                                             additive_mask(mask_B1TT, T, T, x_BTD.device))
+        torch.testing.assert_close(additive_BHTT, probs_BHTT)
+        assert (additive_BHTT[..., ~allowed_TT] == 0).all()
         causal_BHTT = attn.attention_probs(x_BTD, model.rope_cos[:T], model.rope_sin[:T])
         assert (causal_BHTT.triu(1) == 0).all()
         torch.testing.assert_close(causal_BHTT.sum(-1), torch.ones(B, 4, T))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_math_attention_model_is_sampled_as_an_sdpa_one(packed):
+    """Math attention hands its blocks the mask in additive form; the probes read it too."""
+    batch = packed_probe() if packed else probe()
+    entropies = {}
+    for kernel in ("sdpa", "math"):
+        model = tiny_model()
+        model.set_attention(kernel)
+        sample = telemetry(model).sample(0, model, batch, batch.inputs)
+        entropies[kernel] = torch.from_numpy(np.asarray(sample.attention_entropy_LH))
+    torch.testing.assert_close(entropies["math"], entropies["sdpa"], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

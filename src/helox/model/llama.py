@@ -153,12 +153,15 @@ class Attention(nn.Module):
                         mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
         """The attention weights (B, H, T, T) in fp32 that the forward's SDPA applies and does
         not return: for telemetry and explanations, not training (it holds H * T^2 floats per
-        sequence). Takes the forward's arguments; masked entries are exactly 0."""
+        sequence). Takes the forward's arguments (the mask boolean or additive); masked
+        entries are exactly 0."""
         q_BHTE, k_BHTE, _ = self.heads(x_BTD, cos_TE, sin_TE)
         T = q_BHTE.shape[2]
         scores_BHTT = q_BHTE.float() @ k_BHTE.float().transpose(-2, -1) / math.sqrt(self.head_dim)
         if mask_B1TT is None:
             mask_B1TT = torch.ones(T, T, dtype=torch.bool, device=scores_BHTT.device).tril()
+        if mask_B1TT.is_floating_point():  # math attention's additive form: exp() of it is 0
+            return (scores_BHTT + mask_B1TT).softmax(dim=-1)
         return scores_BHTT.masked_fill(~mask_B1TT, float("-inf")).softmax(dim=-1)
 
 class LayerCache:
