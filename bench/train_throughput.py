@@ -282,7 +282,10 @@ def build_hf_model(init_state: dict) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(to_hf_config(SHAPE, attn_implementation="sdpa"))
-    model.load_state_dict(to_hf_state_dict(init_state, SHAPE))
+    state = to_hf_state_dict(init_state, SHAPE)
+    if SHAPE.tie_embeddings:  # one tensor under both names in transformers' state_dict
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     return model.float().train()
 

@@ -67,11 +67,10 @@ def math_attention(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSE: torch.Ten
     (B, H, T, S) scores, so it is for the shapes where that is cheap (a training context of a
     few hundred tokens); under autocast the matmuls run in 16 bits and the softmax in fp32.
 
-    An additive bias read from memory, rather than a boolean mask or a `masked_fill` the
-    compiler recomputes in every softmax kernel: compiled bf16 forward + backward of
-    (8, 6, 256, 64) causal attention took 5.1 ms with the bias a model buffer against 8.1 ms
-    with the mask (2-core Xeon with AMX): inductor evaluates an in-graph mask with 64-bit
-    vector compares per score, in the forward and again in the backward."""
+    An additive bias rather than a boolean `masked_fill`, which inductor evaluates with 64-bit
+    vector compares per score in the forward and again in the backward: on a 2-core Xeon with
+    AMX, compiled bf16 forward + backward of (8, 6, 256, 64) causal attention took 5.1 ms
+    against 8.1 ms, and a compiled training step of the reference shape 1/1.07 of the time."""
     scores_BHTS = (q_BHTE @ k_BHSE.transpose(-2, -1)) * (1.0 / math.sqrt(q_BHTE.shape[-1]))
     return (scores_BHTS + bias_B1TS).softmax(dim=-1).to(v_BHSE.dtype) @ v_BHSE
 
