@@ -151,6 +151,18 @@ def test_compiled_run_resumes_bit_identically(tiny_dataset, workspace, tmp_path)
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
 
 
+def test_memory_reuse_changes_nothing_a_run_computes(tiny_dataset, workspace, tmp_path):
+    """train.reuse_memory is the allocator's business: a run stopped with it on resumes with it
+    off (the same resume key, and runs from before the option existed keep theirs), bit for
+    bit the straight run."""
+    on = tiny_config(workspace, overrides=["train.max_steps=6"])
+    off = tiny_config(workspace, overrides=["train.max_steps=6", "train.reuse_memory=false"])
+    run(on, tiny_dataset, tmp_path / "straight")
+    run(on, tiny_dataset, tmp_path / "resumed", until_step=3)
+    run(off, tiny_dataset, tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
 @pytest.mark.slow
 def test_quickstart_recipe_loss_goes_down(tmp_path):
     config = load_config(QUICKSTART, [f"workspace={tmp_path}", "train.max_steps=40",

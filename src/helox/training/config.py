@@ -80,7 +80,8 @@ class TrainConfig(StrictModel):
     """On a CPU (glibc), keep freed tensors' memory in the process for the next step's
     (`helox.allocator`) rather than returning each large one to the OS and faulting it in
     again: compiled bf16 steps of the reference shape ran 1.35x faster here. Resident memory
-    stays at the run's peak until it ends. False leaves malloc as it is."""
+    stays at the run's peak until it ends. False leaves malloc as it is. It changes nothing the
+    run computes, so it may change on resume."""
     deterministic: bool = False
     """Use torch's deterministic algorithms on CUDA too (slower there; needed for bit-identical
     CUDA runs). CPU runs always use them: they cost little there."""

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotati
 # `stability`, `checkpoint` and `faults` sections are not part of the trajectory either: they
 # are the operator's knobs.
 RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers",
-                               "activation_checkpointing"}}
+                               "activation_checkpointing", "reuse_memory"}}
 TRAJECTORY_SECTIONS = ("model", "train", "optim", "mixture", "curriculum")
 
 
