@@ -56,17 +56,17 @@ token) by the matmul ceiling of the same precision (fp32, bf16 or fp16), measure
 as F.linear of one micro-batch's tokens through the shape's widest projection (2048×384 by
 (1536×384)ᵀ for the reference shape).
 
-Checkpoint stall (section "checkpoint"): the default training step (precision and compile as the
-config defaults) with `helox.checkpoint`: `snapshot` of the model, its AdamW state
-(moments exist: warm-up steps come first) and the RNG state, handed to a `CheckpointWriter`
-(keep_last 2) in sync and in async mode, alternately, with the same number of training steps
-after every save, into a temporary folder. The stall of a save is what the training thread
-spends on it: `writer.last_stall_s` (snapshot copy, + the whole write in sync mode) plus, in
-async mode, any wait for the background write at the end of its steps (what the next save would
-wait for). Each step is timed and classed as overlapping a background write (it started before
-the write ended) or not, so the cost of the writer thread competing for the 2 cores shows as
-the tokens/s of those steps and as the net training time a save costs: stall + the extra
-seconds of its overlapped steps over the median clean step.
+Checkpoint stall (section "checkpoint"): the default training step (precision, compile and
+memory reuse as the config defaults) with `helox.checkpoint`: `snapshot` of the model, its
+AdamW state (moments exist: warm-up steps come first) and the RNG state, handed to a
+`CheckpointWriter` (keep_last 2) in sync and in async mode, alternately, with the same number
+of training steps after every save, into a temporary folder. The stall of a save is what the
+training thread spends on it: `writer.last_stall_s` (snapshot copy, + the whole write in sync
+mode) plus, in async mode, any wait for the background write at the end of its steps (what the
+next save would wait for). Each step is timed and classed as overlapping a background write (it
+started before the write ended) or not, so the cost of the writer thread competing for the 2
+cores shows as the tokens/s of those steps and as the net training time a save costs: stall +
+the extra seconds of its overlapped steps over the median clean step.
 
 Telemetry overhead (section "telemetry"): the default training step in alternating blocks of
 --telemetry-steps steps (default 50, observe.telemetry's cadence), each step writing its
@@ -114,11 +114,12 @@ from helox.model.llama import Llama
 from helox.observe.metrics import MetricsLog
 from helox.observe.probes import Telemetry, TelemetryConfig
 from helox.observe.sinks import SinksConfig, open_sinks
-from helox.repro import rng_state, seed_everything
+from helox.repro import rng_state, seed_everything, set_rng_state
 from helox.testing.tiny import tiny_config
 from helox.checkpoint import CheckpointWriter, snapshot
 from helox.training.optim import build_optimizer
 from helox.training.precision import apply_precision_policy
+from helox.training.state import ValueState
 from helox.training.step import (StepOutcome, compiled, make_loss_fn, make_scaler,
                                  pick_attention, pick_precision, train_step)
 
@@ -527,8 +528,9 @@ def save_then_train(trainer: HeloxTrainer, writer: CheckpointWriter, mode: str, 
                     batches: list[Batch], config: RunConfig, costs: SaveCosts) -> None:
     """Save checkpoint `step`, run the steps on `batches`, then wait for the write; record
     what the training thread spent on the save and how long each step took."""
-    snap = snapshot(step, trainer.model, trainer.optimizer, {"rng": rng_state()}, config,
-                    RUN_INFO)
+    parts = {"model": trainer.model, "optimizer": trainer.optimizer,
+             "rng": ValueState(rng_state, set_rng_state)}  # what the loop registers, in short
+    snap = snapshot(step, parts, config.model_dump(mode="json"), RUN_INFO)
     writer.save(snap)
     write_started = time.perf_counter()  # async: the write thread has just been handed it
     stall_s = writer.last_stall_s
@@ -831,10 +833,12 @@ def main() -> None:
                 tempfile.TemporaryDirectory(prefix="helox-bench-inductor-"))
         if "throughput" in sections:
             run_throughput(default_precision, args)
-        if "checkpoint" in sections:
-            print_save_costs(measure_save_costs(default_precision, args), args)
-        if "telemetry" in sections:
-            print_telemetry_cost(measure_telemetry_cost(default_precision, args), args)
+        # The default step as the loop runs it: with train.reuse_memory where it applies.
+        with large_tensors_on_heap(reuses_memory(TRAIN.reuse_memory, DEVICE)):
+            if "checkpoint" in sections:
+                print_save_costs(measure_save_costs(default_precision, args), args)
+            if "telemetry" in sections:
+                print_telemetry_cost(measure_telemetry_cost(default_precision, args), args)
     print(f"\nbenchmark time {time.perf_counter() - started:.0f} s")
 
 
