@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from rich.console import Console
 from torch._dynamo.exc import TorchRuntimeError
+from torch._dynamo.utils import counters
 
 from helox.config import load_config
 from helox.model.config import ModelConfig
@@ -22,7 +23,7 @@ from helox.checkpoint import list_checkpoints, load_trained_model
 from helox.model.llama import Llama
 from helox.data.loader import MicroBatch
 from helox.training.loop import train
-from helox.training.step import compiled, make_loss_fn, train_step
+from helox.training.step import compile_blocks, compiled, make_loss_fn, train_step
 
 
 def run(config, dataset, run_dir, until_step=None, console=None):
@@ -149,6 +150,36 @@ def test_compiled_run_resumes_bit_identically(tiny_dataset, workspace, tmp_path)
     eager = tiny_config(workspace, overrides=["train.max_steps=6"])
     run(eager, tiny_dataset, tmp_path / "eager")
     assert losses(tmp_path / "eager") == pytest.approx(losses(tmp_path / "straight"), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_per_block_compilation_trains_as_one_graph_does_and_resumes_bit_identically(
+        tiny_dataset, workspace, tmp_path):
+    """train.compile: blocks, with telemetry probes and evaluation on the compiled blocks."""
+    common = ["train.max_steps=6", "train.eval_every_steps=3",
+              "observe.telemetry.sample_every_steps=2"]
+    blocks = tiny_config(workspace, overrides=["train.compile=blocks", *common])
+    run(blocks, tiny_dataset, tmp_path / "straight")
+    run(blocks, tiny_dataset, tmp_path / "resumed", until_step=3)
+    run(blocks, tiny_dataset, tmp_path / "resumed")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    run(tiny_config(workspace, overrides=["train.compile=true", *common]), tiny_dataset,
+        tmp_path / "whole")
+    assert losses(tmp_path / "straight") == pytest.approx(losses(tmp_path / "whole"), rel=1e-4)
+
+
+def test_the_blocks_share_one_compiled_graph():
+    torch._dynamo.reset()
+    counters.clear()
+    model = Llama(ModelConfig(vocab_size=97, d_model=32, num_layers=3, num_heads=4,
+                              max_seq_len=16))
+    eager = Llama(model.cfg)
+    eager.load_state_dict(model.state_dict())
+    compile_blocks(model)
+    tokens = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(model(tokens), eager(tokens), rtol=1e-5, atol=1e-5)
+    model(tokens).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1  # one block's, not one per block
 
 
 def test_memory_reuse_changes_nothing_a_run_computes(tiny_dataset, workspace, tmp_path):

@@ -56,8 +56,9 @@ from helox.training.setup import (check_dataset_kind, check_parallel, describe_m
                                   resolve_vocab_size, resume_key, write_run_files)
 from helox.training.stability import Recovery, SpikeDetector
 from helox.training.state import Counters, TrainerState, ValueState
-from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compiled, make_loss_fn, make_scaler,
-                                 pick_attention, pick_precision, rows, train_step)
+from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compile_blocks, compiled,
+                                 compiler_errors, make_loss_fn, make_scaler, pick_attention,
+                                 pick_precision, rows, train_step)
 from helox.training.watermark import CARD_FILE, watermark_for, with_watermark, write_card
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
@@ -74,6 +75,10 @@ class TrainResult:
     checkpoint: Path | None
     stopped_by: str | None = None
     """The signal (SIGTERM, SIGINT) that ended the run early after a checkpoint, if any."""
+
+
+COMPILE_WORDS = {True: ", compiled", "blocks": ", compiled per block", False: ""}
+"""How the start line names train.compile."""
 
 
 def train(config: RunConfig, run_dir: Path, dataset: DatasetVersion, until_step: int | None = None,
@@ -326,8 +331,11 @@ class Trainer:
         self.eval_loss_fn = make_loss_fn(self.model, self.device, self.precision)
         self.ema_loss_fn = make_loss_fn(self.ema.module, self.device, self.precision) \
             if self.ema else None
+        per_block = tc.compile == "blocks"
+        if per_block:  # the model's blocks compile in place, for evaluation too
+            compile_blocks(self.model)
         loss_fn = make_loss_fn(self.parallel, self.device, self.precision,
-                               [o.name for o in tc.objectives])
+                               [o.name for o in tc.objectives], compile_objectives=per_block)
         self.dpo_eval_fn = None
         if self.config.dpo is not None:  # config checks: eager, no other objective
             reference, dtype = self.dpo_reference(), AUTOCAST_DTYPES.get(self.precision)
@@ -335,7 +343,8 @@ class Trainer:
                                        self.config.dpo)
             self.dpo_eval_fn = make_dpo_loss_fn(self.model, reference, self.device, dtype,
                                                 self.config.dpo)
-        self.train_loss_fn = compiled(loss_fn) if tc.compile else loss_fn
+        self.train_loss_fn = compiler_errors(loss_fn) if per_block else \
+            compiled(loss_fn) if tc.compile else loss_fn
         if self.watermark is not None:
             self.train_loss_fn = with_watermark(self.train_loss_fn, self.model, self.device,
                                                 self.precision, self.watermark)
@@ -516,8 +525,10 @@ class Trainer:
         if self.telemetry is None or not self.config.observe.telemetry.due(self.step):
             return
         dtype = AUTOCAST_DTYPES.get(self.precision)
+        # Eager even where train.compile: blocks compiled the blocks: compiled code does not
+        # run hooks added after it was compiled, and the probes are hooks.
         with torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
-                            enabled=dtype is not None):
+                            enabled=dtype is not None), torch.compiler.set_stance("force_eager"):
             sample = self.telemetry.sample(self.step, self.model, self.probe)
         self.raise_alerts(self.health.on_sample(self.step, sample.scalars))
         if not self.job.main:  # every rank samples (FSDP2's forward needs them all)
@@ -812,7 +823,7 @@ def announce(console: Console, model: Llama, device: torch.device, precision: st
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     what = f"{trainable:,} parameters" + (f" ({frozen:,} frozen)" if frozen else "")
     console.print(f"training {what} on {device} ({precision}"
-                  f"{', compiled' if tc.compile else ''}), steps {start_step}→{last_step} of "
+                  f"{COMPILE_WORDS[tc.compile]}), steps {start_step}→{last_step} of "
                   f"{tc.max_steps}, {tokens_per_step:,} tokens per step, run folder {run_dir}",
                   soft_wrap=True)
     if job.distributed:
