@@ -20,11 +20,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, reps: int = 8) -> float:
-    """FLOP/s of F.linear on a transformer-like shape (1024×384 by 1536×384) in `dtype`: the
-    ceiling MFU is measured against (a datasheet peak means little on a shared CPU). ~0.1 s."""
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, reps: int = 8,
+                       shape: tuple[int, int, int] = (1024, 384, 1536)) -> float:
+    """FLOP/s of F.linear of (m×k) by (n×k) in `dtype`, by default a transformer-like shape
+    (1024×384 by 1536×384): the ceiling MFU is measured against (a datasheet peak means little
+    on a shared CPU). ~0.1 s on CPU at the default shape; a GPU needs a larger one."""
     generator = torch.Generator().manual_seed(0)
-    m, k, n = 1024, 384, 1536
+    m, k, n = shape
     x_MK = torch.randn(m, k, generator=generator).to(device, dtype)
     w_NK = torch.randn(n, k, generator=generator).to(device, dtype)
     F.linear(x_MK, w_NK)  # warm-up: kernel selection, allocation

@@ -8,11 +8,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from helox.data.loader import MicroBatch
+from helox.hardware import matmul_flops_per_s
 from helox.model.config import ModelConfig
 from helox.model.llama import Llama
 from helox.training.config import TrainConfig
 from helox.training.optim import OptimConfig, build_optimizer
 from helox.training.precision import apply_precision_policy
+from helox.training.setup import model_flops_per_token
 from helox.training.step import compiled, make_loss_fn, pick_attention, pick_precision, train_step
 
 pytestmark = pytest.mark.gpu
@@ -53,25 +55,11 @@ def test_the_default_cuda_step_uses_the_fast_kernels_and_keeps_the_gpu_busy():
     assert not any(o.skipped for o in outcomes)
     assert outcomes[-1].loss < first.loss  # the same batch, learnt
     tokens_per_s = STEPS * BATCH * SHAPE.max_seq_len / elapsed_s
-    matmul_params = sum(m.weight.numel() for m in model.modules()
-                        if isinstance(m, torch.nn.Linear))
-    flops_per_token = 6 * matmul_params + 12 * SHAPE.num_layers * SHAPE.d_model * \
-        SHAPE.max_seq_len
-    mfu = tokens_per_s * flops_per_token / bf16_ceiling_flops_per_s()
+    # The ceiling: one step's tokens through the widest projection (8192×768 by 3072×768).
+    ceiling = matmul_flops_per_s(CUDA, torch.bfloat16, reps=50, shape=(
+        BATCH * SHAPE.max_seq_len, SHAPE.d_model, 4 * SHAPE.d_model))
+    mfu = tokens_per_s * model_flops_per_token(model, SHAPE.max_seq_len) / ceiling
     print(f"CUDA default step: {tokens_per_s:,.0f} tokens/s, {mfu:.1%} of the bf16 matmul "
           f"ceiling measured here")
     assert mfu > 0.10, f"{tokens_per_s:,.0f} tokens/s is {mfu:.1%} of the bf16 ceiling"
 
-
-def bf16_ceiling_flops_per_s(reps: int = 50) -> float:
-    """F.linear of one step's tokens through the widest projection (8192×768 by 3072×768)."""
-    x = torch.randn(BATCH * SHAPE.max_seq_len, SHAPE.d_model, device=CUDA, dtype=torch.bfloat16)
-    w = torch.randn(4 * SHAPE.d_model, SHAPE.d_model, device=CUDA, dtype=torch.bfloat16)
-    for _ in range(5):
-        torch.nn.functional.linear(x, w)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(reps):
-        torch.nn.functional.linear(x, w)
-    torch.cuda.synchronize()
-    return 2 * x.shape[0] * w.shape[0] * w.shape[1] * reps / (time.perf_counter() - started)

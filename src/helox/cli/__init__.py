@@ -364,15 +364,12 @@ def _dry_run(config: RunConfig, as_json: bool) -> None:
     from helox.run import prepare_with_progress
     from helox.training.precision import dry_run_plan, print_plan
     from helox.training.setup import pick_device, resolve_vocab_size
-    from helox.training.step import pick_attention, pick_precision
+    from helox.training.step import pick_precision
 
     if config.model.vocab_size is None:  # the tokenizer decides it, as in training
         config = resolve_vocab_size(config, prepare_with_progress(config, console, "train"))
     device = pick_device(config.train.device)
-    precision = pick_precision(config.train.precision, device)
-    plan = dry_run_plan(config, device, precision,
-                        pick_attention(config.train.attention, device, precision,
-                                       config.train.seq_len))
+    plan = dry_run_plan(config, device, pick_precision(config.train.precision, device))
     emit(as_json, plan, lambda: print_plan(out, plan))
 
 

@@ -46,7 +46,7 @@ def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor)
     x·cos + rotate_half(x)·sin, written half by half (x1·cos − x2·sin, x2·cos + x1·sin): the
     same products and sums, bit for bit, as transformers' `cat([-x2, x1])` form, which
     torch.compile (2.13, CPU, bf16) differentiates into NaN key gradients when the rotated
-    keys feed `math_attention` (tests/model/test_llama.py holds the case)."""
+    keys feed `math_attention` (tests/training/test_precision.py holds the case)."""
     half = x_BHTE.shape[-1] // 2
     cos_TE, sin_TE = cos_TE.to(x_BHTE.dtype), sin_TE.to(x_BHTE.dtype)
     x1, x2 = x_BHTE[..., :half], x_BHTE[..., half:]

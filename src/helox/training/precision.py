@@ -25,7 +25,7 @@ from helox.allocator import reuses_memory
 from helox.errors import HeloxError
 from helox.finetune.lora import apply_lora, read_adapter_config, set_trainable
 from helox.model.llama import Llama
-from helox.training.step import AUTOCAST_DTYPES
+from helox.training.step import AUTOCAST_DTYPES, pick_attention
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
     from helox.config import RunConfig
@@ -157,11 +157,11 @@ def _has_matmuls(module: nn.Module) -> bool:
                for m in module.modules())
 
 
-def dry_run_plan(config: RunConfig, device: torch.device, precision: str,
-                 attention: str = "sdpa") -> dict:
+def dry_run_plan(config: RunConfig, device: torch.device, precision: str) -> dict:
     """The dry run: the model of `config` (built on the meta device, so any size is instant)
     with the run's precision policy and activation checkpointing, one row per layer, and what
-    the weights, gradients and optimizer state will take in memory."""
+    the weights, gradients and optimizer state will take in memory; the attention kernel and
+    memory reuse the run would use."""
     with torch.device("meta"):
         model = Llama(config.model)
         if config.lora is not None:  # the adapters as the run attaches them
@@ -180,6 +180,7 @@ def dry_run_plan(config: RunConfig, device: torch.device, precision: str,
                        and int(block[1]) in model.checkpointed_blocks})
     num_params = model.num_params()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attention = pick_attention(config.train.attention, device, precision, config.train.seq_len)
     return {"name": config.name, "precision": precision, "attention": attention,
             "device": str(device),
             "reuse_memory": reuses_memory(config.train.reuse_memory, device),
