@@ -1,7 +1,9 @@
 """The checkpoint format version: a format-1 checkpoint (written before the checkpoint layer)
-is read through its migration, a newer or damaged one is refused naming its version, and a
-pre-feature format-1 trainer state is refused saying what to do."""
+is read through its migration, a newer or damaged one is refused naming its version, a
+pre-feature format-1 trainer state is refused saying what to do, and the run's resume key,
+computed before train.attention existed, still matches with the kernel it ran."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +12,13 @@ import pytest
 import torch
 
 from helox import checkpoint as ckpt
+from helox.config import RunConfig
 from helox.errors import HeloxError
 from helox.model.llama import Llama
 from helox.observe.health import HealthConfig, HealthMonitor
 from helox.repro import rng_state, set_rng_state
+from helox.resources import corpus_dir
+from helox.training.setup import legacy_resume_key, resume_key
 from helox.training.optim import AdaptiveClip, OptimConfig, build_optimizer
 from helox.training.stability import Recovery, RollbackConfig, SpikeConfig, SpikeDetector
 from helox.training.state import Counters, TrainerState, ValueState
@@ -82,6 +87,22 @@ def test_a_trainer_registry_resumes_from_a_format_1_checkpoint():
     raw = torch.load(V1 / "state.pt", weights_only=True)
     assert torch.equal(torch.get_rng_state(), raw["rng"]["torch_cpu"])
     assert detector.state_dict() == raw["stability"]["detector"]
+
+
+def test_the_stored_run_predating_train_attention_resumes_with_the_kernel_it_ran():
+    """The format-1 run was saved before train.attention existed, when every run attended
+    through SDPA: its resume key is accepted with train.attention=sdpa and with no other."""
+    saved = ckpt.read_config_raw(V1)
+    info = ckpt.read_run_info(V1)
+    raw = copy.deepcopy(saved)
+    for split in ("train", "val"):  # where the package's corpus is on this machine
+        raw["data"][split][0]["path"] = str(corpus_dir() / f"{split}.jsonl.xz")
+    keys = {}
+    for attention in ("sdpa", "auto", "math"):
+        config = RunConfig.model_validate(raw | {"train": raw["train"] | {"attention": attention}})
+        keys[attention] = legacy_resume_key(config, saved, info["dataset_version"])
+        assert resume_key(config, info["dataset_version"]) != info["resume_key"]
+    assert keys == {"sdpa": info["resume_key"], "auto": None, "math": None}
 
 
 def test_a_newer_format_is_refused_naming_its_version(v1_copy):

@@ -19,7 +19,10 @@ from helox.data.prepare import prepare_dataset
 from helox.errors import HeloxError
 from helox.observe.metrics import read_metrics
 from helox.testing.tiny import QUICKSTART, tiny_config, tiny_mixed_config
-from helox.checkpoint import list_checkpoints, load_trained_model
+from helox.checkpoint import list_checkpoints, load_trained_model, read_config_raw
+from helox.checkpoint.layout import write_config
+from helox.fileio import sha256_file, sha256_json
+from helox.training.setup import trajectory_config
 from helox.model.llama import Llama
 from helox.data.loader import MicroBatch
 from helox.training.loop import train
@@ -120,6 +123,46 @@ def test_resume_with_a_different_config_is_refused(tiny_dataset, workspace, tmp_
         run(changed, tiny_dataset, tmp_path / "run")
     harmless = tiny_config(workspace, overrides=["train.eval_every_steps=2"])
     assert run(harmless, tiny_dataset, tmp_path / "run").resumed_from_step == 4
+
+
+def saved_before_fields_existed(run_dir: Path, fields: list[str]) -> None:
+    """Rewrite a run folder as a Helox without `fields` (dotted) saved it: its configs lack
+    them, and its resume keys hash the config without them, as keys were always computed."""
+    for folder in [run_dir, *list_checkpoints(run_dir)]:
+        raw = read_config_raw(folder)
+        for field in fields:
+            section, name = field.split(".")
+            del raw[section][name]
+        write_config(folder / "config.yaml", raw)
+        info = json.loads((folder / "run.json").read_text())
+        info["resume_key"] = sha256_json(trajectory_config(raw)
+                                         | {"dataset_version": info["dataset_version"]})
+        (folder / "run.json").write_text(json.dumps(info))
+        if (folder / "checksums.json").is_file():
+            sums = json.loads((folder / "checksums.json").read_text())
+            sums |= {name: sha256_file(folder / name) for name in ("config.yaml", "run.json")}
+            (folder / "checksums.json").write_text(json.dumps(sums))
+
+
+def test_a_run_saved_before_a_trajectory_field_existed_resumes_with_its_old_value(
+        tiny_dataset, workspace, tmp_path):
+    """A run saved before train.attention and train.deterministic existed resumes where they
+    hold what it ran with (SDPA, the only kernel then; deterministic's default), bit for bit;
+    other values are refused, and the refusal says which value the saved run needs."""
+    old_ways = ["train.max_steps=6", "train.attention=sdpa"]
+    run(tiny_config(workspace, overrides=old_ways), tiny_dataset, tmp_path / "straight")
+    run(tiny_config(workspace, overrides=old_ways), tiny_dataset, tmp_path / "old", until_step=3)
+    saved_before_fields_existed(tmp_path / "old", ["train.attention", "train.deterministic"])
+    auto = tiny_config(workspace, overrides=["train.max_steps=6"])
+    with pytest.raises(HeloxError, match=r"predates train.attention and ran as "
+                                         r"train.attention=sdpa \(resume with --set"):
+        run(auto, tiny_dataset, tmp_path / "old")
+    changed = tiny_config(workspace, overrides=[*old_ways, "train.deterministic=true"])
+    with pytest.raises(HeloxError, match=r"train.deterministic \(absent\) → True"):
+        run(changed, tiny_dataset, tmp_path / "old")
+    resumed = run(tiny_config(workspace, overrides=old_ways), tiny_dataset, tmp_path / "old")
+    assert resumed.resumed_from_step == 3
+    assert losses(tmp_path / "old") == losses(tmp_path / "straight")
 
 
 def test_keep_last_prunes_old_checkpoints(tiny_dataset, workspace, tmp_path):

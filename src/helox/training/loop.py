@@ -51,9 +51,9 @@ from helox.training.precision import apply_precision_policy
 from helox.training.records import (StepMetrics, bad_step_event, data_metrics, dpo_metrics,
                                     objective_metrics)
 from helox.training.setup import (check_dataset_kind, check_parallel, describe_mismatch,
-                                  ema_model, loader_options, lora_model, micro_rows,
-                                  model_flops_per_token, parallel_training, pick_device,
-                                  resolve_vocab_size, resume_key, write_run_files)
+                                  ema_model, legacy_resume_key, loader_options, lora_model,
+                                  micro_rows, model_flops_per_token, parallel_training,
+                                  pick_device, resolve_vocab_size, resume_key, write_run_files)
 from helox.training.stability import Recovery, SpikeDetector
 from helox.training.state import Counters, TrainerState, ValueState
 from helox.training.step import (AUTOCAST_DTYPES, StepOutcome, compile_blocks, compiled,
@@ -268,15 +268,28 @@ class Trainer:
         """run.json: the run fingerprint and the resume key, and what the run trains on."""
         watermark_key = self.watermark.card.key_id if self.watermark else None
         return {**run_fingerprint(self.config.sha256(), self.dataset.version),
-                "resume_key": resume_key(self.config, self.dataset.version, injected_versions,
-                                         watermark_key, self.lora_info and
-                                         self.lora_info["base_fingerprint"]),
+                "resume_key": resume_key(self.config, *self.key_versions(injected_versions)),
                 **({"lora": self.lora_info} if self.lora_info else {}),
                 **({"watermark_key_id": watermark_key} if watermark_key else {}),
                 "injected_datasets": injected_versions,
                 "dataset_path": str(self.dataset.path),
                 "precision": self.precision, "attention": self.attention,
                 "reuse_memory": self.reuse_memory, "device": str(self.device)}
+
+    def key_versions(self, injected_versions: dict[str, str]) -> tuple:
+        """What the resume key holds beside the config: the dataset's and injected datasets'
+        versions, the watermark secret's key id and a LoRA base's fingerprint."""
+        return (self.dataset.version, injected_versions,
+                self.watermark.card.key_id if self.watermark else None,
+                self.lora_info and self.lora_info["base_fingerprint"])
+
+    def resumes(self, saved_key: str, folder: Path) -> bool:
+        """Whether a checkpoint saved under `saved_key` belongs to this run: this run's key,
+        or the key an older Helox gave it before some of its fields existed."""
+        if saved_key == self.run_info["resume_key"]:
+            return True
+        versions = self.key_versions(self.run_info["injected_datasets"])
+        return saved_key == legacy_resume_key(self.config, ckpt.read_config_raw(folder), *versions)
 
     def start(self, until_step: int | None) -> None:
         """Resume (or warm-start), write the run files, build the loss functions, open the
@@ -699,7 +712,7 @@ class Trainer:
                              f"({self.lora_info['base_checkpoint']}) now holds fingerprint "
                              f"{self.lora_info['base_fingerprint']}",
                              hint="restore the original base model, or train in a new --run-dir")
-        if saved_info["resume_key"] != self.run_info["resume_key"]:
+        if not self.resumes(saved_info["resume_key"], restored.path):
             raise HeloxError(f"{self.run_dir} holds checkpoints of a different run: "
                              + describe_mismatch(restored.path, self.config, saved_info,
                                                  self.run_info),

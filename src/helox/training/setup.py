@@ -25,6 +25,7 @@ from helox.errors import HeloxError
 from helox.fileio import sha256_json
 from helox.finetune.lora import AdapterWeights, attach_adapters
 from helox.model.llama import Llama
+from helox.observe.sinks import flatten
 from helox.training.optim import OptimConfig, build_optimizer, optimizer_spec
 
 if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotations only
@@ -39,6 +40,12 @@ if TYPE_CHECKING:  # the composition of configs sits above the trainer: annotati
 RESUMABLE_CHANGES = {"train": {"eval_every_steps", "eval_batches", "compile", "data_workers",
                                "activation_checkpointing", "reuse_memory"}}
 TRAJECTORY_SECTIONS = ("model", "train", "optim", "mixture", "curriculum")
+# A trajectory field added after runs were saved without it resumes those runs when it holds
+# the value that reproduces them: its default, as a new field's default keeps the old
+# behaviour, except where listed here (the default changed what such a run computed: before
+# train.attention existed every run attended through SDPA; `auto` now picks math attention
+# for 16-bit CPU training).
+LEGACY_VALUES = {"train.attention": "sdpa"}
 
 
 def model_flops_per_token(model: Llama, seq_len: int) -> int:
@@ -185,6 +192,47 @@ def resume_key(config: RunConfig, dataset_version: str,
                watermark_key_id: str | None = None,
                base_fingerprint: str | None = None) -> str:
     """Hash of everything that determines the training trajectory; resuming requires a match."""
+    return sha256_json(trajectory_config(config.model_dump(mode="json"))
+                       | _key_versions(dataset_version, injected_versions, watermark_key_id,
+                                       base_fingerprint))
+
+
+def legacy_resume_key(config: RunConfig, saved_raw: dict, dataset_version: str,
+                      injected_versions: dict[str, str] | None = None,
+                      watermark_key_id: str | None = None,
+                      base_fingerprint: str | None = None) -> str | None:
+    """The key an older Helox gave this run, saved (`saved_raw`, its config.yaml) before some
+    trajectory fields existed: this run's key without those fields, or None when one of them
+    holds a value other than the one that reproduces the saved run (LEGACY_VALUES, else the
+    field's default). Resuming accepts it beside resume_key()."""
+    current = trajectory_config(config.model_dump(mode="json"))
+    fields, saved = flatten(current), flatten(trajectory_config(saved_raw))
+    added = [name for name in fields if name not in saved]
+    if not added or any(name not in _accepted_as_absent(config, fields, saved)
+                        for name in added):
+        return None
+    for name in added:
+        *parents, leaf = name.split(".")
+        section = current
+        for parent in parents:
+            section = section[parent]
+        del section[leaf]
+    return sha256_json(current | _key_versions(dataset_version, injected_versions,
+                                               watermark_key_id, base_fingerprint))
+
+
+def _accepted_as_absent(config: RunConfig, fields: dict, saved: dict) -> set[str]:
+    """This run's fields (dotted) that a saved run lacks and that hold the value reproducing
+    it: LEGACY_VALUES, else the field's default."""
+    defaults = flatten({name: type(config).model_fields[name].default.model_dump(
+        mode="json") for name in TRAJECTORY_SECTIONS})
+    return {name for name, value in fields.items() if name not in saved
+            and name in defaults and value == LEGACY_VALUES.get(name, defaults[name])}
+
+
+def _key_versions(dataset_version: str, injected_versions: dict[str, str] | None,
+                  watermark_key_id: str | None, base_fingerprint: str | None) -> dict:
+    """What a resume key holds beside the trajectory config: the data and weights it uses."""
     versions = {"dataset_version": dataset_version}
     if base_fingerprint:  # a LoRA run: the weights it adapts
         versions["base_fingerprint"] = base_fingerprint
@@ -192,7 +240,7 @@ def resume_key(config: RunConfig, dataset_version: str,
         versions["injected_versions"] = injected_versions
     if watermark_key_id:  # the secret's name: resuming with another secret is another run
         versions["watermark_key_id"] = watermark_key_id
-    return sha256_json(trajectory_config(config.model_dump(mode="json")) | versions)
+    return versions
 
 
 def trajectory_config(raw: dict) -> dict:
@@ -210,9 +258,14 @@ def trajectory_config(raw: dict) -> dict:
 
 
 def describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info: dict) -> str:
-    saved = read_config_raw(path)
-    diffs = _dotted_diffs(trajectory_config(saved),
-                          trajectory_config(config.model_dump(mode="json")))
+    saved = trajectory_config(read_config_raw(path))
+    current = trajectory_config(config.model_dump(mode="json"))
+    saved_fields, current_fields = flatten(saved), flatten(current)
+    accepted = _accepted_as_absent(config, current_fields, saved_fields)
+    diffs = [diff for diff in _dotted_diffs(saved, current) if diff.split()[0] not in accepted]
+    diffs += [f"the saved run predates {name} and ran as {name}={value} (resume with --set "
+              f"{name}={value})" for name, value in LEGACY_VALUES.items()
+              if name not in saved_fields and current_fields.get(name) != value]
     if saved_info["dataset_version"] != run_info["dataset_version"]:
         diffs.append(f"dataset version {saved_info['dataset_version']} → "
                      f"{run_info['dataset_version']}")
@@ -225,10 +278,20 @@ def describe_mismatch(path: Path, config: RunConfig, saved_info: dict, run_info:
     return "; ".join(diffs) or "resume key differs"
 
 
+class _Absent:
+    """A field one of two configs lacks, as a diff shows it."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def _dotted_diffs(old: dict, new: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
-        a, b, path = old.get(key), new.get(key), f"{prefix}{key}"
+        a, b, path = old.get(key, ABSENT), new.get(key, ABSENT), f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _dotted_diffs(a, b, path + ".")
         elif a != b:
