@@ -1,11 +1,15 @@
+import copy
 import math
 
 import pytest
+import torch
 
+from helox.data.loader import MicroBatch
 from helox.model.config import ModelConfig
 from helox.training.optim import AdaptiveClipConfig, OptimConfig
 from helox.model.llama import Llama
 from helox.training.optim import AdaptiveClip, build_optimizer, effective_betas, lr_at
+from helox.training.step import clips_in_update, make_loss_fn, train_step
 
 
 def test_warmup_then_cosine_to_min_lr():
@@ -112,3 +116,52 @@ def test_ema_decay_warms_up_then_holds():
         expected = value if expected is None else decay * expected + (1 - decay) * value
         assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
     assert (1 + 79) / (10 + 79) < 0.9 <= (1 + 80) / (10 + 80)  # the cap holds from update 80
+
+
+@pytest.mark.parametrize("clip_norm", [1e-3, 1e3], ids=["clipping", "nothing-clipped"])
+def test_fused_adamw_clips_in_its_update_as_clipping_first_does(clip_norm):
+    """train_step hands the clipping to fused AdamW (its grad_scale divides every gradient in
+    the update): the moments and weights after three steps are clip_grad_norm_-then-step()'s,
+    to fp32 rounding where it clips and bitwise where it does not; the reported norm is the one
+    before clipping. Without the scale, the first moment would be the unclipped gradient's."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=97, d_model=32, num_layers=2, num_heads=4,
+                              max_seq_len=16))
+    reference = copy.deepcopy(model)
+    fused = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    first = build_optimizer(reference, OptimConfig(lr=1e-2, warmup_steps=0))
+    assert clips_in_update(fused, list(model.parameters()), scaler=None)
+    cpu = torch.device("cpu")
+    loss_fn, reference_fn = make_loss_fn(model, cpu, "fp32"), make_loss_fn(reference, cpu, "fp32")
+    for step in range(3):
+        tokens = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(step))
+        batch = MicroBatch(tokens[:, :-1], tokens[:, 1:])
+        outcome = train_step(loss_fn, model, fused, [batch], clip_norm)
+        (reference_fn(batch)["lm"] / batch.targets.numel()).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip_norm, foreach=True)
+        first.step()
+        first.zero_grad(set_to_none=True)
+        assert outcome.grad_norm == pytest.approx(norm.item(), rel=1e-5)
+        assert outcome.skip_reason is None
+    assert (norm > clip_norm) == (clip_norm < 1)
+
+    def assert_agree(ours, theirs):  # fp32 rounding, relative to the tensor's scale
+        tolerance = 0 if clip_norm > 1 else 1e-5
+        torch.testing.assert_close(ours, theirs, rtol=tolerance,
+                                   atol=tolerance * theirs.abs().max().item())
+
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert_agree(a, b)
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert_agree(fused.state[a][moment], first.state[b][moment])
+
+
+def test_other_optimizers_and_loss_scaling_clip_first():
+    model = Llama(ModelConfig(vocab_size=97, d_model=32, num_layers=1, num_heads=4,
+                              max_seq_len=16))
+    params = list(model.parameters())
+    adafactor = build_optimizer(model, OptimConfig(optimizer="adafactor"))
+    fused = build_optimizer(model, OptimConfig())
+    assert not clips_in_update(adafactor, params, scaler=None)
+    assert not clips_in_update(fused, params, torch.amp.GradScaler("cpu"))
+    assert clips_in_update(fused, params, scaler=None)
