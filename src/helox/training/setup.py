@@ -207,9 +207,8 @@ def legacy_resume_key(config: RunConfig, saved_raw: dict, dataset_version: str,
     field's default). Resuming accepts it beside resume_key()."""
     current = trajectory_config(config.model_dump(mode="json"))
     fields, saved = flatten(current), flatten(trajectory_config(saved_raw))
-    added = [name for name in fields if name not in saved]
-    if not added or any(name not in _accepted_as_absent(config, fields, saved)
-                        for name in added):
+    added = {name for name in fields if name not in saved}
+    if not added or added - _accepted_as_absent(config, fields, saved):
         return None
     for name in added:
         *parents, leaf = name.split(".")
